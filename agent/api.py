@@ -1,0 +1,81 @@
+"""The agent's HTTP API (aiohttp). Handlers stay thin: parse, call the core, serialise."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import structlog
+from aiohttp import web
+
+from agent.errors import AgentError
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AgentCore(Protocol):
+    """What the API needs from the rest of the agent."""
+
+    def node_data(self) -> dict[str, Any]: ...
+
+
+CORE = web.AppKey("core", AgentCore)
+SECRETS = web.AppKey("secrets", tuple[str, ...])
+
+_OPEN_PATHS = frozenset({"/apis/v1/ping"})
+
+
+def secret_ok(given: str | None, secrets: tuple[str, ...]) -> bool:
+    """Constant-time check of a Cluster-Authorization value against every accepted secret."""
+    if not given:
+        return False
+    supplied = given.encode()
+    ok = False
+    for secret in secrets:
+        ok |= hmac.compare_digest(supplied, secret.encode())
+    return ok
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path not in _OPEN_PATHS and not secret_ok(
+        request.headers.get("Cluster-Authorization"), request.app[SECRETS]
+    ):
+        return web.Response(status=401)
+    return await handler(request)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except AgentError as exc:
+        return web.json_response({"error": exc.code, "message": str(exc)}, status=exc.http_status)
+    except Exception:
+        log.exception("api_request_failed", method=request.method, path=request.path)
+        return web.json_response(
+            {"error": "internal_error", "message": "internal error; see the agent log"},
+            status=500,
+        )
+
+
+async def ping(request: web.Request) -> web.Response:
+    return web.json_response({"status": "SUCCESS", "message": "pong"})
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[CORE].node_data())
+
+
+def build_app(core: AgentCore, secrets: Sequence[str]) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app[CORE] = core
+    app[SECRETS] = tuple(secrets)
+    app.router.add_get("/apis/v1/ping", ping)
+    app.router.add_get("/apis/v1/status", status)
+    return app
