@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -144,7 +145,7 @@ def substitute_env(text: str, env: Mapping[str, str], problems: list[str]) -> st
     """Replace ``${VAR}`` and ``${VAR:-default}``; ``$${VAR}`` stays literal. Unset ``${VAR}`` is an
     error, as in Dropwizard's strict substitutor."""
 
-    def replace(match: re.Match[str]) -> str:
+    def replace_at(match: re.Match[str], offset: int) -> str:
         escaped, name, default = match.groups()
         if escaped:
             return match.group(0)[1:]
@@ -153,11 +154,32 @@ def substitute_env(text: str, env: Mapping[str, str], problems: list[str]) -> st
             return value
         if default is not None:
             return default
-        line = text.count("\n", 0, match.start()) + 1
+        line = text.count("\n", 0, offset + match.start()) + 1
         problems.append(f"line {line}: environment variable {name} is not set (${{{name}}})")
         return ""
 
-    return _ENV_RE.sub(replace, text)
+    # Comments are left alone, so a config may document ${VAR} in a comment.
+    out: list[str] = []
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        cut = _comment_start(line)
+        out.append(_ENV_RE.sub(partial(replace_at, offset=offset), line[:cut]) + line[cut:])
+        offset += len(line)
+    return "".join(out)
+
+
+def _comment_start(line: str) -> int:
+    """Index where a YAML comment starts in ``line`` (len(line) when there is none)."""
+    quote = ""
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return i
+    return len(line)
 
 
 def _fmt(value: Any) -> str:
