@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Sequence
+import json
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
 
-from agent.errors import AgentError
+from agent.errors import AgentError, MessageError, TaskNotFound
+from agent.models import ExecutorMessage, parse_executor_message
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = 4 << 20
 
 
 class AgentCore(Protocol):
     """What the API needs from the rest of the agent."""
 
     def node_data(self) -> dict[str, Any]: ...
+
+    def handle_message(self, message: ExecutorMessage) -> tuple[bool, str]: ...
+
+    def task_infos(self) -> list[dict[str, Any]]: ...
+
+    def task_info(self, instance_id: str) -> dict[str, Any] | None: ...
 
 
 CORE = web.AppKey("core", AgentCore)
@@ -72,10 +81,44 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(request.app[CORE].node_data())
 
 
-def build_app(core: AgentCore, secrets: Sequence[str]) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware])
+async def messages(request: web.Request) -> web.Response:
+    raw = await request.read()
+    if not raw:
+        raise MessageError("(body): is empty; expected an ExecutorMessage JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageError(f"(body): is not valid JSON: {exc}") from None
+    message = parse_executor_message(body)
+    accepted, detail = request.app[CORE].handle_message(message)
+    reply: dict[str, Any] = {
+        "header": dict(message.header),
+        "status": "ACCEPTED" if accepted else "FAILED",
+    }
+    if detail:
+        reply["message"] = detail
+    return web.json_response(reply)
+
+
+async def tasks(request: web.Request) -> web.Response:
+    return web.json_response(request.app[CORE].task_infos())
+
+
+async def task(request: web.Request) -> web.Response:
+    instance_id = request.match_info["instance_id"]
+    info = request.app[CORE].task_info(instance_id)
+    if info is None:
+        raise TaskNotFound(f"no task with instanceId {instance_id} on this executor")
+    return web.json_response(info)
+
+
+def build_app(core: AgentCore, secrets: tuple[str, ...]) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY)
     app[CORE] = core
     app[SECRETS] = tuple(secrets)
     app.router.add_get("/apis/v1/ping", ping)
     app.router.add_get("/apis/v1/status", status)
+    app.router.add_post("/apis/v1/messages", messages)
+    app.router.add_get("/apis/v1/tasks", tasks)
+    app.router.add_get("/apis/v1/tasks/{instance_id}", task)
     return app

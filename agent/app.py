@@ -13,30 +13,106 @@ from aiohttp import web
 from agent import api
 from agent.allocator import Allocator
 from agent.config import Config, UpdateMode
+from agent.containers import ContainerRuntime
 from agent.inventory import HostInventory, build_inventory, read_topology
+from agent.models import UNSUPPORTED_TYPES, ExecutorMessage, MessageType
 from agent.node import ExecutorState, Node, canonical_hostname
+from agent.reporter import ControllerLink
+from agent.tasks import TaskManager
 
 log = structlog.get_logger(__name__)
+
+SHUTDOWN_FLUSH_S = 10.0
 
 
 def discover(cfg: Config, sysfs_root: Path = Path("/sys")) -> HostInventory:
     return build_inventory(read_topology(sysfs_root), cfg.resources)
 
 
+class _Shutdown(Exception):
+    """Raised inside the TaskGroup to cancel every owned task at shutdown."""
+
+
 class Agent:
-    def __init__(self, cfg: Config, sysfs_root: Path = Path("/sys")) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        sysfs_root: Path = Path("/sys"),
+        runtime: ContainerRuntime | None = None,
+    ) -> None:
         self.cfg = cfg
         self.sysfs_root = sysfs_root
         self.stop_requested = asyncio.Event()
-        self.node: Node | None = None
+        self._runtime = runtime
         self._signals = 0
+        self.node: Node | None = None
+        self.manager: TaskManager | None = None
+        self.link: ControllerLink | None = None
 
     # --- api.AgentCore -------------------------------------------------------------------------
+
     def node_data(self) -> dict[str, Any]:
         assert self.node is not None
-        return self.node.node_data()
+        assert self.manager is not None
+        return self.node.node_data(self.manager.task_infos(include_finished=False))
+
+    def task_infos(self) -> list[dict[str, Any]]:
+        assert self.manager is not None
+        return self.manager.task_infos()
+
+    def task_info(self, instance_id: str) -> dict[str, Any] | None:
+        assert self.manager is not None
+        rec = self.manager.get(instance_id)
+        return rec.to_wire() if rec is not None else None
+
+    def handle_message(self, message: ExecutorMessage) -> tuple[bool, str]:
+        assert self.manager is not None
+        kind = message.type
+        with structlog.contextvars.bound_contextvars(message_id=message.message_id):
+            if kind is MessageType.START_TASK:
+                assert message.spec is not None
+                verdict = self.manager.start(message.spec, message.message_id)
+            elif kind is MessageType.STOP_TASK:
+                assert message.instance_id is not None
+                verdict = self.manager.stop(message.instance_id)
+            elif kind in UNSUPPORTED_TYPES:
+                return False, f"{kind} is not supported yet by this executor (it runs tasks only)"
+            else:
+                self._executor_command(kind)
+                return True, ""
+        if not verdict.accepted:
+            log.warning("message_failed", type=str(kind), reason=verdict.message)
+        return verdict.accepted, verdict.message
+
+    # --- executor state (spec §6.5) ------------------------------------------------------------
+
+    def _executor_command(self, kind: MessageType) -> None:
+        if kind is MessageType.BLACKLIST_REQUESTED:
+            self._set_state(ExecutorState.BLACKLIST_REQUESTED)
+        elif kind is MessageType.BLACKLIST:
+            self._set_state(ExecutorState.BLACKLISTED)
+        elif kind is MessageType.UNBLACKLIST:
+            self._set_state(ExecutorState.UNREADY)
+            self._activate()
+
+    def _set_state(self, state: ExecutorState) -> None:
+        assert self.node is not None
+        if self.node.state is state:
+            return
+        log.info("executor_state_changed", old=str(self.node.state), new=str(state))
+        self.node.state = state
+        if self.link is not None:
+            self.link.resources_changed()
+
+    def _activate(self) -> None:
+        """UNREADY -> ACTIVE once a leader answers (at once in standalone mode)."""
+        if self.node is None or self.node.state is not ExecutorState.UNREADY:
+            return
+        if self.cfg.mode is UpdateMode.STANDALONE or (self.link and self.link.leader):
+            self._set_state(ExecutorState.ACTIVE)
 
     # --- lifecycle -----------------------------------------------------------------------------
+
     def request_stop(self) -> None:
         self._signals += 1
         if self._signals > 1:
@@ -55,59 +131,106 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
+    def _make_runtime(self) -> ContainerRuntime:
+        if self._runtime is not None:
+            return self._runtime
+        from agent.runtime import DockerRuntime
+
+        opts = self.cfg.options
+        return DockerRuntime(
+            socket_path=opts.docker_socket_path,
+            command_timeout_s=opts.container_command_timeout_s,
+            pool_size=opts.docker_pool_size,
+        )
+
     async def _run(self) -> int:
         cfg = self.cfg
         for warning in cfg.warnings:
             log.warning("config_warning", detail=warning)
         inventory = await asyncio.to_thread(discover, cfg, self.sysfs_root)
-        allocator = Allocator(inventory.layout)
         hostname = cfg.options.hostname or canonical_hostname()
+        runtime = self._make_runtime()
 
         runner = web.AppRunner(api.build_app(self, cfg.cluster_auth.accepted()), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, cfg.server.host, cfg.server.port)
         await site.start()
         port = _bound_port(runner, cfg.server.port)
-        state = ExecutorState.ACTIVE if cfg.mode is UpdateMode.STANDALONE else ExecutorState.UNREADY
-        self.node = Node(
+        self.node = node = Node(
             hostname=hostname,
             port=port,
-            allocator=allocator,
+            allocator=Allocator(inventory.layout),
             tags=cfg.resources.tags,
             metadata=cfg.resources.metadata,
-            state=state,
         )
-        log.info(
-            "agent_started",
-            executor_id=self.node.executor_id,
-            hostname=hostname,
-            host=cfg.server.host,
-            port=port,
-            mode=str(cfg.mode),
-            executor_state=str(state),
-            numa_pinning=inventory.numa_pinning,
-            nodes=[
-                {
-                    "node": n.node,
-                    "cores": list(n.allocatable),
-                    "reserved": list(n.reserved),
-                    "offline": list(n.offline),
-                    "memory_total_mb": n.memory_total_mb,
-                    "memory_exposed_mb": n.memory_exposed_mb,
-                }
-                for n in inventory.nodes
-            ],
+        self.link = link = ControllerLink(
+            cfg,
+            node,
+            tasks=lambda: self.manager.task_infos(include_finished=False) if self.manager else [],
+            on_leader=self._activate,
         )
+        _log_start(cfg, node, inventory)
         try:
-            await self.stop_requested.wait()
+            async with asyncio.TaskGroup() as tg:
+
+                def spawn(coro: Any, name: str) -> asyncio.Task[None]:
+                    return tg.create_task(coro, name=name)
+
+                self.manager = manager = TaskManager(
+                    cfg=cfg, node=node, runtime=runtime, sink=link, spawn=spawn
+                )
+                runtime.start_events(manager.on_event)
+                tg.create_task(manager.relist_forever(), name="relist")
+                await link.run(tg)
+                self._activate()
+                link.resources_changed()
+                await self.stop_requested.wait()
+                await self._shutdown(runner)
+                raise _Shutdown
+        except* _Shutdown:
+            pass
         finally:
-            try:
-                async with asyncio.timeout(10):
-                    await runner.cleanup()
-            except TimeoutError:
-                log.warning("shutdown_stage_timed_out", stage="http")
+            await runner.cleanup()
+            await link.close()
+            await runtime.close()
         log.info("agent_stopped")
         return 0
+
+    async def _shutdown(self, runner: web.AppRunner) -> None:
+        """Refuse new starts, stop serving, flush reports. Containers keep running."""
+        assert self.manager is not None
+        assert self.link is not None
+        self.manager.accepting = False
+        try:
+            async with asyncio.timeout(10):
+                await runner.cleanup()
+        except TimeoutError:
+            log.warning("shutdown_stage_timed_out", stage="http")
+        if not await self.link.flush(SHUTDOWN_FLUSH_S):
+            log.warning("shutdown_stage_timed_out", stage="report_flush", pending=self.link.pending)
+
+
+def _log_start(cfg: Config, node: Node, inventory: HostInventory) -> None:
+    log.info(
+        "agent_started",
+        executor_id=node.executor_id,
+        hostname=node.hostname,
+        host=cfg.server.host,
+        port=node.port,
+        mode=str(cfg.mode),
+        numa_pinning=inventory.numa_pinning,
+        nodes=[
+            {
+                "node": n.node,
+                "cores": list(n.allocatable),
+                "reserved": list(n.reserved),
+                "offline": list(n.offline),
+                "memory_total_mb": n.memory_total_mb,
+                "memory_exposed_mb": n.memory_exposed_mb,
+            }
+            for n in inventory.nodes
+        ],
+    )
 
 
 def _bound_port(runner: web.AppRunner, configured: int) -> int:

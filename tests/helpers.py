@@ -30,7 +30,11 @@ def free_port() -> int:
 def write_config(path: Path, port: int, **sections: Any) -> Path:
     cfg: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port},
-        "options": {"hostname": "127.0.0.1", "stateDir": str(path.parent / "state")},
+        "options": {
+            "hostname": "127.0.0.1",
+            "stateDir": str(path.parent / "state"),
+            "maxOpenFiles": 4096,
+        },
         "clusterAuth": {
             "secrets": [
                 {"nodeType": "CONTROLLER", "secret": CONTROLLER_SECRET},

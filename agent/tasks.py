@@ -1,0 +1,664 @@
+"""Tasks: the state machine (spec §3.5) and the TaskManager that drives containers through it.
+
+Start and stop are synchronous (validation and the resource lock happen before the caller answers);
+the work runs in one owned coroutine per task. Exits are learnt from Docker's event stream, with a
+periodic relist as a safety net: no per-container polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from agent.config import Config
+from agent.configfiles import materialise
+from agent.containers import (
+    JOB_TYPE_TASK,
+    LABEL_INFO,
+    LABEL_INSTANCE_ID,
+    LABEL_JOB_TYPE,
+    LABEL_SPEC,
+    ContainerEvent,
+    ContainerParams,
+    ContainerRuntime,
+    EventKind,
+    PullProgress,
+)
+from agent.errors import AgentError, IllegalTransition, RuntimeUnavailable
+from agent.models import (
+    DeviceRequestSpec,
+    ResultStatus,
+    TaskResult,
+    TaskSpec,
+    TaskState,
+    transition_allowed,
+)
+from agent.node import ExecutorState, Node, now_ms
+
+log = structlog.get_logger(__name__)
+
+RELIST_INTERVAL_S = 10.0
+KILL_CONFIRM_S = 15.0
+TERMINAL_RETENTION = 1000
+DROVE_ENV_KEYS = frozenset(
+    {
+        "HOST",
+        "DROVE_CONTAINER_ID",
+        "DROVE_EXECUTOR_HOST",
+        "DROVE_TASK_ID",
+        "DROVE_INSTANCE_ID",
+        "DROVE_SOURCE_APP_NAME",
+    }
+)
+
+
+class ControllerSink(Protocol):
+    """Where the manager's reports go (reporter.ControllerLink implements it)."""
+
+    def task_changed(self, info: dict[str, Any], snapshot: dict[str, Any]) -> None: ...
+
+    def resources_changed(self) -> None: ...
+
+
+Spawn = Callable[[Coroutine[Any, Any, None], str], object]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer to a command: accepted or not, and why (FAILED answers carry the reason)."""
+
+    accepted: bool
+    message: str = ""
+
+
+@dataclass(eq=False)
+class TaskRecord:
+    spec: TaskSpec
+    executor_id: str
+    hostname: str
+    state: TaskState = TaskState.PENDING
+    result: TaskResult | None = None
+    error: str = ""
+    created: int = field(default_factory=now_ms)
+    updated: int = 0
+    container_id: str | None = None
+    image_id: str | None = None
+    stop_requested: bool = False
+    exit_seen: bool = False
+    oom_seen: bool = False
+    finished_at_ms: int | None = None
+    pull_cancel: threading.Event = field(default_factory=threading.Event)
+    pull_progress: PullProgress = field(default_factory=PullProgress)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def instance_id(self) -> str:
+        return self.spec.instance_id
+
+    def stopping(self) -> bool:
+        """A stop was asked for (a method, so type narrowing does not go stale across awaits)."""
+        return self.stop_requested
+
+    def stamp(self) -> int:
+        """A fresh ``updated``: now, and strictly later than the last one of this task."""
+        self.updated = max(now_ms(), self.updated + 1)
+        return self.updated
+
+    def executor_task_info(self) -> dict[str, Any]:
+        """``ExecutorTaskInfo`` (spec §3.2), stored in the container label for recovery."""
+        return _without_nulls(
+            {
+                "taskId": self.spec.task_id,
+                "sourceAppName": self.spec.source_app_name,
+                "instanceId": self.instance_id,
+                "executorId": self.executor_id,
+                "hostname": self.hostname,
+                "executable": self.spec.executable_wire(),
+                "resources": self.spec.resources_wire(),
+                "volumes": self.spec.volumes_wire(),
+                "loggingSpec": self.spec.wire.get("loggingSpec"),
+                "env": dict(self.spec.env),
+                "metadata": {},
+                "created": self.created,
+                "updated": self.updated or self.created,
+            }
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        """``TaskInfo`` (spec §3.3) with a fresh, strictly increasing ``updated``."""
+        return _without_nulls(
+            {
+                "sourceAppName": self.spec.source_app_name,
+                "taskId": self.spec.task_id,
+                "instanceId": self.instance_id,
+                "executorId": self.executor_id,
+                "hostname": self.hostname,
+                "executable": self.spec.executable_wire(),
+                "resources": self.spec.resources_wire(),
+                "volumes": self.spec.volumes_wire(),
+                "loggingSpec": self.spec.wire.get("loggingSpec"),
+                "env": dict(self.spec.env),
+                "state": str(self.state),
+                "metadata": {},
+                "taskResult": self.result.to_wire() if self.result else None,
+                "errorMessage": self.error,
+                "created": self.created,
+                "updated": self.stamp(),
+            }
+        )
+
+
+def _without_nulls(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def registry_of(image: str) -> str | None:
+    """The registry part of an image reference: what comes before the first '/' (spec §5.1)."""
+    return image.split("/", 1)[0] if "/" in image else None
+
+
+def task_env(spec: TaskSpec, hostname: str, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """Container env (spec §5.2): HOST, the spec's vars (an empty value passes the agent's own
+    value through, or is dropped), then the DROVE_* vars. A spec var named HOST or DROVE_* is
+    dropped: the agent's values win."""
+    env = [f"HOST={hostname}"]
+    for key, value in spec.env.items():
+        if key in DROVE_ENV_KEYS:
+            continue
+        if value == "":
+            value = environ.get(key, "")
+            if not value:
+                continue
+        env.append(f"{key}={value}")
+    env += [
+        f"DROVE_CONTAINER_ID={spec.image}",
+        f"DROVE_EXECUTOR_HOST={hostname}",
+        f"DROVE_TASK_ID={spec.task_id}",
+        f"DROVE_INSTANCE_ID={spec.instance_id}",
+        f"DROVE_SOURCE_APP_NAME={spec.source_app_name}",
+    ]
+    return tuple(env)
+
+
+def log_settings(spec: TaskSpec, cfg: Config) -> tuple[str, dict[str, str]]:
+    """Docker log driver and options (spec §5.5)."""
+    opts = cfg.options
+    common = {
+        "cache-disabled": "false",
+        "cache-max-size": f"{opts.cache_file_size_mb}m",
+        "cache-max-file": str(opts.cache_file_count),
+        "cache-compress": "true",
+        "mode": "non-blocking",
+        "max-buffer-size": f"{max(1, opts.log_buffer_size_mb)}m",
+    }
+    logging = spec.logging
+    if logging is not None and logging.kind == "RSYSLOG":
+        return "syslog", {
+            **common,
+            "syslog-address": logging.server,
+            "tag": f"{logging.tag_prefix}{spec.instance_id}{logging.tag_suffix}",
+            "syslog-facility": "daemon",
+        }
+    max_size = logging.max_size if logging else "10m"
+    max_files = logging.max_files if logging else 3
+    compress = logging.compress if logging else True
+    return "json-file", {
+        **common,
+        "max-size": max_size,
+        "max-file": str(max_files),
+        "compress": "true" if compress else "false",
+    }
+
+
+def container_params(
+    rec: TaskRecord,
+    cfg: Config,
+    cpuset: tuple[int, ...],
+    files: tuple[tuple[str, bytes], ...],
+    environ: Mapping[str, str],
+) -> ContainerParams:
+    spec = rec.spec
+    user = spec.user
+    group = spec.group
+    if user is None and cfg.options.default_user_spec is not None:
+        user = cfg.options.default_user_spec.user
+        group = cfg.options.default_user_spec.group
+    driver, options = log_settings(spec, cfg)
+    device_requests = list(spec.device_requests)
+    if cfg.resources.enable_nvidia_gpu:
+        device_requests.append(DeviceRequestSpec("nvidia", -1, (), (("gpu",),), {}))
+    return ContainerParams(
+        name=spec.instance_id,
+        image=spec.image,
+        labels={
+            LABEL_JOB_TYPE: JOB_TYPE_TASK,
+            LABEL_INSTANCE_ID: spec.instance_id,
+            LABEL_SPEC: json.dumps(spec.wire, separators=(",", ":")),
+            LABEL_INFO: json.dumps(rec.executor_task_info(), separators=(",", ":")),
+        },
+        env=task_env(spec, rec.hostname, environ),
+        command=spec.args or None,
+        user=f"{user}:{group}" if user and group else user,
+        mem_limit_bytes=spec.resources.total_memory_mb * (1 << 20),
+        cpuset_cpus=",".join(str(c) for c in cpuset) or None,
+        cpuset_mems=(
+            ",".join(str(n) for n in sorted(spec.resources.memory_mb))
+            if not cfg.resources.disable_numa_pinning
+            else None
+        ),
+        nofile=cfg.options.max_open_files,
+        volumes=spec.volumes,
+        devices=tuple(
+            f"{d.path_on_host}:{d.path_in_container}:{d.permissions}" for d in spec.direct_devices
+        ),
+        device_requests=tuple(device_requests),
+        log_driver=driver,
+        log_options=options,
+        files=files,
+    )
+
+
+def exit_result(code: int, oom: bool, memory_mb: int) -> tuple[TaskResult, str | None]:
+    """taskResult and errorMessage for a container that exited by itself (spec §3.5), with an
+    honest OOM message. None as message means: leave errorMessage as it is."""
+    if code == 0:
+        return TaskResult(ResultStatus.SUCCESSFUL, 0), None
+    result = TaskResult(ResultStatus.FAILED, code)
+    if oom and code == 137:
+        return result, f"OOM killed (memory limit {memory_mb} MB)"
+    if oom:
+        return result, (
+            f"Task instance exited with status: {code} after an OOM kill inside the container "
+            f"(memory limit {memory_mb} MB)"
+        )
+    return result, f"Task instance exited with status: {code}"
+
+
+class TaskManager:
+    def __init__(
+        self,
+        *,
+        cfg: Config,
+        node: Node,
+        runtime: ContainerRuntime,
+        sink: ControllerSink,
+        spawn: Spawn,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.runtime = runtime
+        self.sink = sink
+        self._spawn = spawn
+        self._environ = dict(os.environ if environ is None else environ)
+        self.records: dict[str, TaskRecord] = {}
+        self._by_container: dict[str, TaskRecord] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._message_ids: OrderedDict[str, str] = OrderedDict()
+        self.docker_ok = True
+        self.docker_error = ""
+        self.accepting = True
+
+    # --- queries -----------------------------------------------------------------------------
+
+    def active(self) -> list[TaskRecord]:
+        return [r for r in self.records.values() if not r.state.terminal]
+
+    def task_infos(self, include_finished: bool = True) -> list[dict[str, Any]]:
+        return [
+            r.to_wire() for r in self.records.values() if include_finished or not r.state.terminal
+        ]
+
+    def get(self, instance_id: str) -> TaskRecord | None:
+        return self.records.get(instance_id)
+
+    # --- commands ----------------------------------------------------------------------------
+
+    def start(self, spec: TaskSpec, message_id: str = "") -> Verdict:
+        """Register and lock; the rest runs in the background. Never awaits."""
+        if message_id and message_id in self._message_ids:
+            return Verdict(True, "duplicate message; already accepted")
+        known = self.records.get(spec.instance_id)
+        if known is not None:
+            if known.spec.identity() == spec.identity():
+                self._remember(message_id, spec.instance_id)
+                return Verdict(
+                    True, f"task {spec.instance_id} is already known; nothing new started"
+                )
+            return Verdict(
+                False,
+                f"task {spec.instance_id} is already known with a different spec",
+            )
+        if not self.accepting:
+            return Verdict(False, "the agent is shutting down; starts are refused")
+        if self.node.state is not ExecutorState.ACTIVE:
+            return Verdict(False, f"the executor is {self.node.state}; starts are refused")
+        if not self.docker_ok:
+            return Verdict(
+                False, f"the Docker engine is unreachable; starts are refused ({self.docker_error})"
+            )
+        try:
+            self.node.allocator.lock(spec.instance_id, spec.resources)
+        except AgentError as exc:
+            return Verdict(False, f"could not lock resources for {spec.instance_id}: {exc}")
+        rec = TaskRecord(spec=spec, executor_id=self.node.executor_id, hostname=self.node.hostname)
+        rec.updated = rec.created
+        self.records[spec.instance_id] = rec
+        self._remember(message_id, spec.instance_id)
+        self.sink.resources_changed()
+        log.info(
+            "task_registered",
+            instance_id=spec.instance_id,
+            task_id=spec.task_id,
+            app=spec.source_app_name,
+            image=spec.image,
+            cores={str(n): sorted(c) for n, c in spec.resources.cores.items()},
+            memory_mb=dict(spec.resources.memory_mb),
+        )
+        self._spawn(self._run(rec), f"task:{spec.instance_id}")
+        return Verdict(True)
+
+    def stop(self, instance_id: str) -> Verdict:
+        rec = self.records.get(instance_id)
+        if rec is None:
+            return Verdict(False, f"no task with instanceId {instance_id} on this executor")
+        if rec.state.terminal:
+            return Verdict(True, f"task {instance_id} is already {rec.state}")
+        if not rec.stop_requested:
+            log.info("task_stop_requested", instance_id=instance_id, state=str(rec.state))
+        rec.stop_requested = True
+        rec.pull_cancel.set()
+        rec.wake.set()
+        return Verdict(True)
+
+    def _remember(self, message_id: str, instance_id: str) -> None:
+        if not message_id:
+            return
+        self._message_ids[message_id] = instance_id
+        while len(self._message_ids) > 10_000:
+            self._message_ids.popitem(last=False)
+
+    # --- container events --------------------------------------------------------------------
+
+    def on_event(self, event: ContainerEvent) -> None:
+        if event.kind is EventKind.UNAVAILABLE:
+            self._docker_down("the Docker event stream is disconnected")
+            return
+        if event.kind is EventKind.RESYNC:
+            self._spawn(self.relist(), "relist")
+            return
+        rec = self._by_container.get(event.container_id)
+        if rec is None:
+            return
+        if event.kind is EventKind.OOM:
+            rec.oom_seen = True
+            log.info("container_oom", instance_id=rec.instance_id)
+        elif event.kind in (EventKind.DIE, EventKind.DESTROY):
+            rec.exit_seen = True
+            rec.wake.set()
+
+    def _docker_down(self, why: str) -> None:
+        if self.docker_ok:
+            log.warning("docker_unavailable", detail=why)
+        self.docker_ok = False
+        self.docker_error = why
+
+    def _docker_up(self) -> None:
+        if not self.docker_ok:
+            log.info("docker_available")
+        self.docker_ok = True
+        self.docker_error = ""
+
+    async def relist(self) -> None:
+        """Catch exits the event stream missed: one list call for all containers."""
+        try:
+            summaries = await self.runtime.list_managed()
+        except RuntimeUnavailable as exc:
+            self._docker_down(str(exc))
+            return
+        self._docker_up()
+        running = {s.id for s in summaries if s.running}
+        for rec in self.active():
+            if rec.state is TaskState.RUNNING and rec.container_id not in running:
+                rec.exit_seen = True
+                rec.wake.set()
+
+    async def relist_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RELIST_INTERVAL_S)
+            await self.relist()
+
+    # --- the state machine -------------------------------------------------------------------
+
+    def _transition(
+        self,
+        rec: TaskRecord,
+        new: TaskState,
+        *,
+        result: TaskResult | None = None,
+        error: str | None = None,
+    ) -> None:
+        old = rec.state
+        if not transition_allowed(old, new):
+            raise IllegalTransition(rec.instance_id, str(old), str(new))
+        rec.state = new
+        if result is not None:
+            rec.result = result
+        if error is not None:
+            rec.error = error
+        if new.terminal:
+            # Resources are free before the terminal report goes out (spec §3.5).
+            self.node.allocator.reclaim(rec.instance_id)
+            if rec.container_id:
+                self._by_container.pop(rec.container_id, None)
+            self._finished[rec.instance_id] = None
+            while len(self._finished) > TERMINAL_RETENTION:
+                old_id, _ = self._finished.popitem(last=False)
+                self.records.pop(old_id, None)
+            self.sink.resources_changed()
+            rec.done.set()
+        log.info(
+            "task_state_changed",
+            instance_id=rec.instance_id,
+            old=str(old),
+            new=str(new),
+            result=rec.result.to_wire() if rec.result else None,
+            error=rec.error or None,
+        )
+        self.sink.task_changed(rec.to_wire(), self.node.resource_snapshot())
+
+    async def _run(self, rec: TaskRecord) -> None:
+        with structlog.contextvars.bound_contextvars(instance_id=rec.instance_id):
+            try:
+                await self._drive(rec)
+            except asyncio.CancelledError:
+                raise  # agent shutdown: the container is left for recovery
+            except Exception as exc:
+                log.exception("task_state_machine_failed")
+                await self._lose(rec, f"SM Execution error: {exc}")
+
+    async def _lose(self, rec: TaskRecord, message: str) -> None:
+        if rec.state.terminal:
+            return
+        if rec.container_id:
+            try:
+                await self.runtime.remove(rec.container_id)
+            except AgentError as exc:
+                log.warning("container_remove_failed", error=str(exc))
+        self._transition(rec, TaskState.LOST, error=message)
+
+    async def _drive(self, rec: TaskRecord) -> None:
+        if rec.stopping():
+            self._transition(rec, TaskState.STOPPED)
+            return
+        self._transition(rec, TaskState.PROVISIONING)
+        failure = await self._provision(rec)
+        if failure is not None:
+            self._transition(rec, TaskState.PROVISIONING_FAILED, error=failure)
+        else:
+            self._transition(rec, TaskState.STARTING)
+            if rec.stopping():
+                self._cancelled(rec)
+            else:
+                await self._start_container(rec)
+            if rec.state is TaskState.RUNNING:
+                await self._monitor(rec)
+        await self._deprovision(rec)
+
+    def _cancelled(self, rec: TaskRecord) -> None:
+        self._transition(
+            rec, TaskState.RUN_COMPLETED, result=TaskResult(ResultStatus.CANCELLED, -1)
+        )
+
+    async def _provision(self, rec: TaskRecord) -> str | None:
+        """Make the image present per imagePullPolicy; returns an error message or None."""
+        image = rec.spec.image
+        policy = self.cfg.options.image_pull_policy
+        try:
+            present = await self.runtime.image_present(image)
+            if policy == "NEVER" and not present:
+                return f"Image {image} is not present and imagePullPolicy is NEVER"
+            if policy == "ALWAYS" or not present:
+                error = await self._pull(rec)
+                if error is not None:
+                    return error
+            if rec.stopping():
+                return None
+            rec.image_id = await self.runtime.image_id(image)
+        except AgentError as exc:
+            return f"Error while pulling image {image}: {exc}"
+        return None
+
+    async def _pull(self, rec: TaskRecord) -> str | None:
+        image = rec.spec.image
+        registry = registry_of(image)
+        creds = self.cfg.docker_auth.get(registry) if registry else None
+        auth = {"username": creds.username, "password": creds.password} if creds else None
+        timeout = rec.spec.pull_timeout
+        log.info("image_pull_started", image=image, authenticated=auth is not None)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout.seconds):
+                await self.runtime.pull(image, auth, rec.pull_cancel, rec.pull_progress)
+        except TimeoutError:
+            rec.pull_cancel.set()
+            log.warning("image_pull_timed_out", image=image, timeout=str(timeout))
+            return f"Error while pulling image {image}: pull did not finish within {timeout}"
+        if rec.stopping():
+            return None
+        log.info("image_pulled", image=image, seconds=round(time.monotonic() - started, 3))
+        return None
+
+    async def _start_container(self, rec: TaskRecord) -> None:
+        spec = rec.spec
+        try:
+            files = tuple(await materialise(spec.configs))
+            cpuset = self.node.allocator.physical_cores(rec.instance_id)
+            params = container_params(rec, self.cfg, cpuset, files, self._environ)
+            rec.container_id = await self.runtime.create(params)
+            self._by_container[rec.container_id] = rec
+            log.info("container_created", container_id=rec.container_id[:12])
+            await self.runtime.put_files(rec.container_id, params.files)
+            if rec.stopping():
+                self._cancelled(rec)
+                return
+            await self.runtime.start(rec.container_id)
+        except AgentError as exc:
+            self._transition(
+                rec,
+                TaskState.RUN_FAILED,
+                result=TaskResult(ResultStatus.FAILED, -1),
+                error=str(exc),
+            )
+            return
+        self._transition(rec, TaskState.RUNNING, error="")
+
+    async def _monitor(self, rec: TaskRecord) -> None:
+        """Wait for the container's exit or a stop; then RUN_COMPLETED with the outcome."""
+        assert rec.container_id is not None
+        while True:
+            if rec.exit_seen or rec.stopping():
+                status = await self._inspect(rec)
+                if status is None:
+                    self._transition(
+                        rec,
+                        TaskState.RUN_COMPLETED,
+                        result=TaskResult(ResultStatus.LOST, -1),
+                        error=f"Task instance lost for container: {rec.container_id}",
+                    )
+                    return
+                if not status.running:
+                    rec.finished_at_ms = status.finished_at_ms
+                    result, message = exit_result(
+                        status.exit_code,
+                        rec.oom_seen or status.oom_killed,
+                        rec.spec.resources.total_memory_mb,
+                    )
+                    self._transition(rec, TaskState.RUN_COMPLETED, result=result, error=message)
+                    return
+                rec.exit_seen = False
+                if rec.stopping():
+                    await self._kill(rec)
+                    self._cancelled(rec)
+                    return
+            rec.wake.clear()
+            await rec.wake.wait()
+
+    async def _inspect(self, rec: TaskRecord) -> Any:
+        assert rec.container_id is not None
+        while True:
+            try:
+                return await self.runtime.inspect(rec.container_id)
+            except RuntimeUnavailable as exc:
+                # No false exits while Docker is unreachable: wait and ask again.
+                self._docker_down(str(exc))
+                await asyncio.sleep(1.0)
+
+    async def _kill(self, rec: TaskRecord) -> None:
+        assert rec.container_id is not None
+        grace = self.cfg.options.task_stop_grace_period_s
+        if grace > 0:
+            await self.runtime.kill(rec.container_id, "SIGTERM")
+            if await self._wait_exit(rec, grace):
+                return
+        await self.runtime.kill(rec.container_id, "SIGKILL")
+        await self._wait_exit(rec, KILL_CONFIRM_S)
+
+    async def _wait_exit(self, rec: TaskRecord, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if rec.exit_seen:
+                return True
+            rec.wake.clear()
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await rec.wake.wait()
+            except TimeoutError:
+                break
+        status = await self._inspect(rec)
+        return status is None or not status.running
+
+    async def _deprovision(self, rec: TaskRecord) -> None:
+        if rec.container_id:
+            try:
+                await self.runtime.remove(rec.container_id)
+            except AgentError as exc:
+                rec.error = f"Error removing container {rec.container_id}: {exc}"
+            self._by_container.pop(rec.container_id, None)
+        self._transition(rec, TaskState.DEPROVISIONING)
+        if not self.cfg.options.cache_images and rec.image_id:
+            try:
+                await self.runtime.remove_image(rec.image_id)
+            except AgentError as exc:
+                rec.error = f"Error removing image {rec.spec.image}: {exc}"
+        self._transition(rec, TaskState.STOPPED)
