@@ -30,6 +30,8 @@ class AgentCore(Protocol):
 
     def task_info(self, instance_id: str) -> dict[str, Any] | None: ...
 
+    def recent_reports(self) -> list[dict[str, Any]]: ...
+
 
 CORE = web.AppKey("core", AgentCore)
 SECRETS = web.AppKey("secrets", tuple[str, ...])
@@ -112,6 +114,17 @@ async def task(request: web.Request) -> web.Response:
     return web.json_response(info)
 
 
+async def reports(request: web.Request) -> web.Response:
+    """The most recent reports and snapshots (what a controller would have been sent)."""
+    instance_id = request.query.get("instanceId")
+    found = [
+        m
+        for m in request.app[CORE].recent_reports()
+        if instance_id is None or m.get("instanceInfo", {}).get("instanceId") == instance_id
+    ]
+    return web.json_response(found)
+
+
 def build_app(core: AgentCore, secrets: tuple[str, ...]) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY)
     app[CORE] = core
@@ -121,4 +134,5 @@ def build_app(core: AgentCore, secrets: tuple[str, ...]) -> web.Application:
     app.router.add_post("/apis/v1/messages", messages)
     app.router.add_get("/apis/v1/tasks", tasks)
     app.router.add_get("/apis/v1/tasks/{instance_id}", task)
+    app.router.add_get("/apis/v1/reports", reports)
     return app

@@ -65,6 +65,10 @@ class Agent:
         rec = self.manager.get(instance_id)
         return rec.to_wire() if rec is not None else None
 
+    def recent_reports(self) -> list[dict[str, Any]]:
+        assert self.link is not None
+        return list(self.link.recent)
+
     def handle_message(self, message: ExecutorMessage) -> tuple[bool, str]:
         assert self.manager is not None
         kind = message.type

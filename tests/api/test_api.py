@@ -19,6 +19,18 @@ class Core:
     def node_data(self):
         return self.node.node_data()
 
+    def handle_message(self, message):
+        return True, ""
+
+    def task_infos(self):
+        return []
+
+    def task_info(self, instance_id):
+        return None
+
+    def recent_reports(self):
+        return []
+
 
 async def client() -> TestClient:
     app = api.build_app(Core(), ("ControllerSecret", "ExecutorSecret"))

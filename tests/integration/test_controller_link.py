@@ -133,11 +133,30 @@ def test_reports_are_retried_until_the_controller_accepts(tmp_path):
         ctl.stop()
 
 
-def test_standalone_is_active_at_once(tmp_path):
+@pytest.mark.docker
+def test_standalone_is_active_at_once_and_keeps_reports(tmp_path):
     port = free_port()
     agent = AgentProcess(write_config(tmp_path / "a.yaml", port), tmp_path / "a.log", port).start()
     try:
         assert executor_state(agent) == "ACTIVE"
+        iid = new_instance_id()
+        assert send(agent, start_message(iid, ["sh", "-c", "exit 2"]))["status"] == "ACCEPTED"
+        deadline = time.monotonic() + 20
+        reports = []
+        while time.monotonic() < deadline:
+            reports = http_json(f"{agent.url}/apis/v1/reports?instanceId={iid}")[1]
+            if reports and reports[-1]["instanceInfo"]["state"] == "STOPPED":
+                break
+            time.sleep(0.1)
+        assert [r["instanceInfo"]["state"] for r in reports] == [
+            "PROVISIONING",
+            "STARTING",
+            "RUNNING",
+            "RUN_COMPLETED",
+            "DEPROVISIONING",
+            "STOPPED",
+        ]
+        assert reports[-1]["type"] == "TASK_STATE_REPORT"
     finally:
         agent.stop()
         agent.kill()
