@@ -14,9 +14,12 @@ from agent import api
 from agent.allocator import Allocator
 from agent.config import Config, UpdateMode
 from agent.containers import ContainerRuntime
+from agent.errors import RuntimeUnavailable
 from agent.inventory import HostInventory, build_inventory, read_topology
+from agent.journal import Journal
 from agent.models import UNSUPPORTED_TYPES, ExecutorMessage, MessageType
 from agent.node import ExecutorState, Node, canonical_hostname
+from agent.recovery import Reaper, recover
 from agent.reporter import ControllerLink
 from agent.tasks import TaskManager
 
@@ -48,6 +51,7 @@ class Agent:
         self.node: Node | None = None
         self.manager: TaskManager | None = None
         self.link: ControllerLink | None = None
+        self.ready = asyncio.Event()  # recovery done and the API bound
 
     # --- api.AgentCore -------------------------------------------------------------------------
 
@@ -153,6 +157,20 @@ class Agent:
             log.warning("config_warning", detail=warning)
         inventory = await asyncio.to_thread(discover, cfg, self.sysfs_root)
         hostname = cfg.options.hostname or canonical_hostname()
+        journal: Journal | None = None
+        pending: list[tuple[int, dict[str, Any]]] = []
+        if cfg.mode is UpdateMode.RPC:
+            journal = Journal(Path(cfg.options.state_dir))
+            try:
+                pending = await asyncio.to_thread(journal.open)
+            except OSError as exc:
+                log.error(
+                    "state_dir_unusable",
+                    key="options.stateDir",
+                    path=cfg.options.state_dir,
+                    error=exc.strerror or str(exc),
+                )
+                return 1
         runtime = self._make_runtime()
 
         runner = web.AppRunner(api.build_app(self, cfg.cluster_auth.accepted()), access_log=None)
@@ -175,6 +193,8 @@ class Agent:
         )
         _log_start(cfg, node, inventory)
         try:
+            if journal is not None:
+                link.attach_journal(journal, pending)
             async with asyncio.TaskGroup() as tg:
 
                 def spawn(coro: Any, name: str) -> asyncio.Task[None]:
@@ -184,11 +204,16 @@ class Agent:
                     cfg=cfg, node=node, runtime=runtime, sink=link, spawn=spawn
                 )
                 runtime.start_events(manager.on_event)
-                tg.create_task(manager.relist_forever(), name="relist")
                 await link.run(tg)
-                self._activate()
-                link.resources_changed()
-                await self.stop_requested.wait()
+                if await self._recover(manager, runtime, link):
+                    link.enable_snapshots()
+                    self._activate()
+                    self.ready.set()
+                    log.info("agent_ready", tasks=len(manager.active()))
+                    tg.create_task(manager.relist_forever(), name="relist")
+                    reaper = Reaper(cfg, manager, runtime, self._current, node.executor_id)
+                    tg.create_task(reaper.run_forever(), name="reaper")
+                    await self.stop_requested.wait()
                 await self._shutdown(runner)
                 raise _Shutdown
         except* _Shutdown:
@@ -200,6 +225,34 @@ class Agent:
         log.info("agent_stopped")
         return 0
 
+    async def _current(self, executor_id: str) -> Any:
+        assert self.link is not None
+        return await self.link.known_instances(executor_id, "current")
+
+    async def _recover(
+        self, manager: TaskManager, runtime: ContainerRuntime, link: ControllerLink
+    ) -> bool:
+        """Recovery before ready; while Docker does not answer, keep trying (the API serves and
+        the executor stays UNREADY). False when a stop came first."""
+        assert self.node is not None
+        backoff = 0.5
+        while not self.stop_requested.is_set():
+            known = await link.known_instances(self.node.executor_id, "last")
+            try:
+                result = await recover(manager, runtime, known)
+            except RuntimeUnavailable as exc:
+                log.warning("recovery_waiting_for_docker", error=str(exc), retry_s=backoff)
+                try:
+                    async with asyncio.timeout(backoff):
+                        await self.stop_requested.wait()
+                except TimeoutError:
+                    pass
+                backoff = min(backoff * 2, 5.0)
+                continue
+            log.info("recovery_done", adopted=len(result.adopted), skipped=len(result.skipped))
+            return True
+        return False
+
     async def _shutdown(self, runner: web.AppRunner) -> None:
         """Refuse new starts, stop serving, flush reports. Containers keep running."""
         assert self.manager is not None
@@ -210,7 +263,7 @@ class Agent:
                 await runner.cleanup()
         except TimeoutError:
             log.warning("shutdown_stage_timed_out", stage="http")
-        if not await self.link.flush(SHUTDOWN_FLUSH_S):
+        if self.link.remote and not await self.link.flush(SHUTDOWN_FLUSH_S):
             log.warning("shutdown_stage_timed_out", stage="report_flush", pending=self.link.pending)
 
 

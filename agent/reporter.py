@@ -1,7 +1,9 @@
 """The controller link (RPC mode, spec §1.2, §1.3): leader discovery, the report outbox with a
 single sender, and node snapshots. In standalone mode reports are only kept for local readers.
 
-Reports never hold up task control: ``task_changed`` only appends to the outbox.
+Reports never hold up task control: ``task_changed`` only appends to the outbox. In RPC mode every
+report is written to the journal (one writer thread, fsynced) before it is first sent, and stays
+there until the controller answers ACCEPTED, across restarts and crashes.
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ import asyncio
 import uuid
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import structlog
 
 from agent.config import Config, UpdateMode
+from agent.journal import Journal
 from agent.node import Node, now_ms
+from agent.recovery import KnownInstances
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +41,13 @@ def message_header() -> dict[str, Any]:
     }
 
 
+@dataclass(slots=True)
+class _Outgoing:
+    seq: int
+    message: dict[str, Any]
+    written: asyncio.Future[None] | None
+
+
 class ControllerLink:
     def __init__(
         self,
@@ -50,9 +63,12 @@ class ControllerLink:
         self.leader: str | None = None
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REPORTS)
         self.subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        self._outbox: deque[dict[str, Any]] = deque()
+        self._outbox: deque[_Outgoing] = deque()
         self._wake = asyncio.Event()
         self._snapshot_due = True
+        self.snapshots_enabled = False
+        self._journal: Journal | None = None
+        self._writer: ThreadPoolExecutor | None = None
         self._check_leader_now = asyncio.Event()
         self._retry_now = asyncio.Event()
         self._drained = asyncio.Event()
@@ -94,7 +110,13 @@ class ControllerLink:
             if sub.qsize() < 10_000:
                 sub.put_nowait(message)
         if queue and self.remote:
-            self._outbox.append(message)
+            written: asyncio.Future[None] | None = None
+            seq = 0
+            if self._journal is not None and self._writer is not None:
+                seq = self._journal.next_seq()
+                loop = asyncio.get_running_loop()
+                written = loop.run_in_executor(self._writer, self._journal.append, seq, message)
+            self._outbox.append(_Outgoing(seq, message, written))
             self._drained.clear()
             self._wake.set()
 
@@ -104,6 +126,41 @@ class ControllerLink:
             "header": message_header(),
             "nodeData": self.node.node_data(self._tasks()),
         }
+
+    def attach_journal(self, journal: Journal, pending: list[tuple[int, dict[str, Any]]]) -> None:
+        """Use ``journal``; the reports a previous run left unsent go out first."""
+        self._journal = journal
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
+        for seq, message in pending:
+            self._outbox.append(_Outgoing(seq, message, None))
+        if pending:
+            self._drained.clear()
+            self._wake.set()
+            log.info("report_journal_replayed", reports=len(pending))
+
+    async def known_instances(self, executor_id: str, which: str) -> KnownInstances:
+        """The controller's KnownInstancesData for this executor (``last`` or ``current``)."""
+        if self.leader is None or self._session is None:
+            return None
+        url = f"{self.leader}/apis/v1/internal/cluster/executors/{executor_id}/instances/{which}"
+        try:
+            async with self._session.get(url) as resp:
+                body = await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.info(
+                "known_instances_unavailable", which=which, error=str(exc) or type(exc).__name__
+            )
+            return None
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, dict):
+            return None
+        current = data.get("taskInstanceIds") or []
+        stale = data.get("staleTaskInstanceIds") or []
+        return frozenset(map(str, current)), frozenset(map(str, stale))
+
+    def enable_snapshots(self) -> None:
+        self.snapshots_enabled = True
+        self.resources_changed()
 
     async def run(self, tg: asyncio.TaskGroup) -> None:
         """Start the link's long-lived tasks in the agent's TaskGroup."""
@@ -139,12 +196,17 @@ class ControllerLink:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.shutdown, wait=True)
+            self._writer = None
+        if self._journal is not None:
+            self._journal.close()
 
     async def _snapshot_ticker(self) -> None:
         while True:
             await asyncio.sleep(SNAPSHOT_INTERVAL_S)
             self.resources_changed()
-            if not self.remote:
+            if not self.remote and self.snapshots_enabled:
                 self._snapshot_due = False
                 self._publish(self.snapshot_message(), queue=False)
 
@@ -198,21 +260,41 @@ class ControllerLink:
             self._check_leader_now.set()
         return ok
 
+    async def _written(self, head: _Outgoing) -> None:
+        """A report is on disk before it is first sent; a failed write is logged, and the report
+        is sent all the same (better sent without a journal than not at all)."""
+        if head.written is None:
+            return
+        try:
+            await head.written
+        except OSError as exc:
+            log.error("report_journal_write_failed", error=str(exc))
+        head.written = None
+
+    def _acknowledge(self, seq: int) -> None:
+        if self._journal is None or self._writer is None or not seq:
+            return
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(self._writer, self._journal.ack, seq).add_done_callback(_log_failure)
+
     async def _sender(self) -> None:
         """The single sender: reports in order, each retried with capped backoff until the
         controller accepts it; a fresh snapshot whenever one is due and no report waits."""
         backoff = BACKOFF_MIN_S
         while True:
-            if not self._outbox and not self._snapshot_due:
+            snapshot_due = self._snapshot_due and self.snapshots_enabled
+            if not self._outbox and not snapshot_due:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             if self._outbox:
-                message = self._outbox[0]
-                ok = await self._post(message)
+                head = self._outbox[0]
+                await self._written(head)
+                ok = await self._post(head.message)
                 if ok:
                     self._outbox.popleft()
                     self.sent += 1
+                    self._acknowledge(head.seq)
                     if not self._outbox:
                         self._drained.set()
             else:
@@ -234,3 +316,8 @@ class ControllerLink:
             except TimeoutError:
                 pass
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("report_journal_ack_failed", error=str(future.exception()))

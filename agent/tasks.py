@@ -381,6 +381,46 @@ class TaskManager:
         rec.wake.set()
         return Verdict(True)
 
+    def adopt(
+        self,
+        spec: TaskSpec,
+        *,
+        executor_id: str,
+        created: int,
+        updated: int,
+        container_id: str,
+        image_id: str,
+    ) -> Verdict:
+        """Re-attach a container found at start-up (recovery): lock its resources again and follow
+        it from UNKNOWN. An exited container goes on to report its real outcome."""
+        if spec.instance_id in self.records:
+            return Verdict(False, f"task {spec.instance_id} is already known")
+        try:
+            self.node.allocator.restore(spec.instance_id, spec.resources)
+        except AgentError as exc:
+            return Verdict(False, f"could not lock resources again: {exc}")
+        rec = TaskRecord(
+            spec=spec,
+            executor_id=executor_id or self.node.executor_id,
+            hostname=self.node.hostname,
+            state=TaskState.UNKNOWN,
+            created=created or now_ms(),
+            updated=updated,
+            container_id=container_id,
+            image_id=image_id or None,
+            exit_seen=True,  # the first look inspects the container
+        )
+        self.records[spec.instance_id] = rec
+        self._by_container[container_id] = rec
+        self.sink.resources_changed()
+        self._spawn(self._run(rec), f"task:{spec.instance_id}")
+        return Verdict(True)
+
+    def owns(self, instance_id: str, container_id: str) -> bool:
+        """Whether a live (non-terminal) task claims this container."""
+        rec = self._by_container.get(container_id) or self.records.get(instance_id)
+        return rec is not None and not rec.state.terminal
+
     def _remember(self, message_id: str, instance_id: str) -> None:
         if not message_id:
             return
@@ -498,6 +538,11 @@ class TaskManager:
         self._transition(rec, TaskState.LOST, error=message)
 
     async def _drive(self, rec: TaskRecord) -> None:
+        if rec.state is TaskState.UNKNOWN:
+            self._transition(rec, TaskState.RUNNING)
+            await self._monitor(rec)
+            await self._deprovision(rec)
+            return
         if rec.stopping():
             self._transition(rec, TaskState.STOPPED)
             return
