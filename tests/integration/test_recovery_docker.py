@@ -366,3 +366,32 @@ def test_dockerd_restart_under_a_running_agent(tmp_path, docker_client):
         private.close()
         engine.destroy()
         shutil.rmtree(engine.root, ignore_errors=True)
+
+
+def test_shutdown_flush_deadline_and_second_signal_forces_exit(tmp_path):
+    ctl = StandInController().start()
+    agent = make_agent(tmp_path, ctl).start()
+    iid = new_instance_id()
+    try:
+        wait_active(agent, ctl)
+        ctl.accepting = False
+        send(agent, start_message(iid, ["sh", "-c", "exit 0"], cores={"0": [6]}))
+        ctl.wait_for(
+            lambda: http_json(f"{agent.url}/apis/v1/tasks/{iid}")[1]["state"] == "STOPPED", 30
+        )
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert agent.proc.poll() is None, "still flushing reports within its deadline"
+        started = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        code = agent.proc.wait(10)
+        assert code != 0
+        assert time.monotonic() - started < 5
+        assert any(e.get("event") == "agent_forced_exit" for e in agent.events())
+        # nothing lost: the reports are still in the journal for the next start
+        journal = (tmp_path / "state" / "reports.journal").read_text()
+        assert iid in journal
+    finally:
+        agent.kill()
+        ctl.stop()
