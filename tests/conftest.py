@@ -163,6 +163,7 @@ def rpc_agent(tmp_path_factory, controller, registry) -> Iterator[AgentProcess]:
     )
     agent = AgentProcess(cfg, root / "agent.log", port).start()
     try:
+        agent.wait_state("ACTIVE")
         yield agent
     finally:
         agent.stop()

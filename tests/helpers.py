@@ -134,6 +134,18 @@ class AgentProcess:
             time.sleep(0.05)
         raise AssertionError(f"agent not ready after {timeout}s:\n{self.log()}")
 
+    def wait_state(self, state: str = "ACTIVE", timeout: float = 30) -> None:
+        """Wait for the executor state (ACTIVE comes after recovery, and a leader in RPC mode)."""
+        deadline = time.monotonic() + timeout
+        seen = None
+        while time.monotonic() < deadline:
+            status, data = http_json(f"{self.url}/apis/v1/status", timeout=2)
+            seen = data.get("executorState") if status == 200 and isinstance(data, dict) else None
+            if seen == state:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"executor state {seen}, not {state}, after {timeout}s:\n{self.log()}")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -59,6 +59,7 @@ def test_run_serves_ping_and_status_then_stops_on_sigterm(tmp_path):
     cfg = write_config(tmp_path / "agent.yaml", port, resources={"tags": ["edge"]})
     agent = AgentProcess(cfg, tmp_path / "agent.log", port).start()
     try:
+        agent.wait_state("ACTIVE")
         assert http_json(f"{agent.url}/apis/v1/ping", secret=None)[0] == 200
         assert http_json(f"{agent.url}/apis/v1/status", secret=None)[0] == 401
         assert http_json(f"{agent.url}/apis/v1/status", secret="nope")[0] == 401

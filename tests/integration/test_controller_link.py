@@ -138,7 +138,7 @@ def test_standalone_is_active_at_once_and_keeps_reports(tmp_path):
     port = free_port()
     agent = AgentProcess(write_config(tmp_path / "a.yaml", port), tmp_path / "a.log", port).start()
     try:
-        assert executor_state(agent) == "ACTIVE"
+        agent.wait_state("ACTIVE")
         iid = new_instance_id()
         assert send(agent, start_message(iid, ["sh", "-c", "exit 2"]))["status"] == "ACCEPTED"
         deadline = time.monotonic() + 20
