@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from agent import api
+from agent import api, sdnotify
 from agent.allocator import Allocator
 from agent.config import Config, UpdateMode
 from agent.containers import ContainerRuntime
 from agent.errors import RuntimeUnavailable
 from agent.inventory import HostInventory, build_inventory, read_topology
 from agent.journal import Journal
+from agent.metrics import Metrics
 from agent.models import UNSUPPORTED_TYPES, ExecutorMessage, MessageType
 from agent.node import ExecutorState, Node, canonical_hostname
 from agent.recovery import Reaper, recover
 from agent.reporter import ControllerLink
+from agent.tasklogs import LogStore
 from agent.tasks import TaskManager
 
 log = structlog.get_logger(__name__)
@@ -52,6 +55,11 @@ class Agent:
         self.manager: TaskManager | None = None
         self.link: ControllerLink | None = None
         self.ready = asyncio.Event()  # recovery done and the API bound
+        self.metrics = Metrics()
+        self.inventory: HostInventory | None = None
+        self.logs = LogStore(Path(cfg.options.log_path))
+        self.started_at = time.time()
+        self.runtime: ContainerRuntime | None = None
 
     # --- api.AgentCore -------------------------------------------------------------------------
 
@@ -72,6 +80,102 @@ class Agent:
     def recent_reports(self) -> list[dict[str, Any]]:
         assert self.link is not None
         return list(self.link.recent)
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        assert self.link is not None
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.link.subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        if self.link is not None:
+            self.link.subscribers.discard(queue)
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
+    def observe_message(self, kind: str, seconds: float) -> None:
+        self.metrics.messages.labels(kind).observe(seconds)
+
+    def log_store(self) -> LogStore | None:
+        return self.logs
+
+    def _metrics_view(self) -> dict[str, Any]:
+        assert self.node is not None
+        by_state: dict[str, int] = {}
+        if self.manager is not None:
+            for rec in self.manager.active():
+                by_state[str(rec.state)] = by_state.get(str(rec.state), 0) + 1
+        link = self.link
+        return {
+            "snapshot": self.node.resource_snapshot(),
+            "tasks_by_state": by_state,
+            "queued": link.pending if link else 0,
+            "send_failures": link.failed_attempts if link else 0,
+            "sent": link.sent if link else 0,
+            "docker_up": 1 if self.manager is None or self.manager.docker_ok else 0,
+            "usage": self.manager.usage() if self.manager else [],
+        }
+
+    def agent_view(self) -> dict[str, Any]:
+        """What an operator wants to see (``drove-agent status``)."""
+        assert self.node is not None
+        assert self.manager is not None
+        assert self.inventory is not None
+        allocator = self.node.allocator
+        owners: dict[str, dict[str, str]] = {}
+        for iid, request in allocator.locks().items():
+            for node_id, cores in request.cores.items():
+                for core in cores:
+                    owners.setdefault(str(node_id), {})[str(core)] = iid
+        snapshot = self.node.resource_snapshot()
+        nodes = []
+        for node_id, layout in sorted(allocator.layout.items()):
+            key = str(node_id)
+            physical = [n for n in self.inventory.nodes if n.node == node_id]
+            nodes.append(
+                {
+                    "node": node_id,
+                    "cores": {
+                        "allocatable": sorted(layout.cores),
+                        "free": snapshot["cpus"]["freeCores"].get(key, []),
+                        "used": owners.get(key, {}),
+                        "reserved": sorted(c for n in physical for c in n.reserved),
+                        "offline": sorted(c for n in physical for c in n.offline),
+                    },
+                    "memory": {
+                        "exposed": layout.memory_mb,
+                        "used": snapshot["memory"]["usedMemory"].get(key, 0),
+                        "free": snapshot["memory"]["freeMemory"].get(key, 0),
+                    },
+                }
+            )
+        tasks = []
+        for rec in self.manager.records.values():
+            info = rec.to_wire()
+            percent = rec.pull_progress.percent
+            if rec.state.value == "PROVISIONING" and percent is not None:
+                info["pullProgress"] = round(percent, 1)
+            tasks.append(info)
+        return {
+            "executorId": self.node.executor_id,
+            "hostname": self.node.hostname,
+            "port": self.node.port,
+            "mode": str(self.cfg.mode),
+            "executorState": str(self.node.state),
+            "leader": self.link.leader if self.link else None,
+            "uptimeSeconds": round(time.time() - self.started_at, 1),
+            "ready": self.ready.is_set(),
+            "docker": {"ok": self.manager.docker_ok, "error": self.manager.docker_error},
+            "numaPinning": self.inventory.numa_pinning,
+            "nodes": nodes,
+            "tasks": tasks,
+            "reports": {
+                "queued": self.link.pending if self.link else 0,
+                "sent": self.link.sent if self.link else 0,
+                "failedAttempts": self.link.failed_attempts if self.link else 0,
+            },
+        }
 
     def handle_message(self, message: ExecutorMessage) -> tuple[bool, str]:
         assert self.manager is not None
@@ -149,13 +253,19 @@ class Agent:
             socket_path=opts.docker_socket_path,
             command_timeout_s=opts.container_command_timeout_s,
             pool_size=opts.docker_pool_size,
+            observe=self._observe_docker,
         )
+
+    def _observe_docker(self, call: str, seconds: float, ok: bool) -> None:
+        self.metrics.docker_calls.labels(call).observe(seconds)
+        if not ok:
+            self.metrics.docker_errors.labels(call).inc()
 
     async def _run(self) -> int:
         cfg = self.cfg
         for warning in cfg.warnings:
             log.warning("config_warning", detail=warning)
-        inventory = await asyncio.to_thread(discover, cfg, self.sysfs_root)
+        self.inventory = inventory = await asyncio.to_thread(discover, cfg, self.sysfs_root)
         hostname = cfg.options.hostname or canonical_hostname()
         journal: Journal | None = None
         pending: list[tuple[int, dict[str, Any]]] = []
@@ -171,9 +281,11 @@ class Agent:
                     error=exc.strerror or str(exc),
                 )
                 return 1
-        runtime = self._make_runtime()
+        self.runtime = runtime = self._make_runtime()
 
-        runner = web.AppRunner(api.build_app(self, cfg.cluster_auth.accepted()), access_log=None)
+        runner = web.AppRunner(
+            api.build_app(self, cfg.cluster_auth.accepted()), access_log=None, shutdown_timeout=2.0
+        )
         await runner.setup()
         site = web.TCPSite(runner, cfg.server.host, cfg.server.port)
         await site.start()
@@ -201,16 +313,31 @@ class Agent:
                     return tg.create_task(coro, name=name)
 
                 self.manager = manager = TaskManager(
-                    cfg=cfg, node=node, runtime=runtime, sink=link, spawn=spawn
+                    cfg=cfg,
+                    node=node,
+                    runtime=runtime,
+                    sink=link,
+                    spawn=spawn,
+                    logs=self.logs,
+                    metrics=self.metrics,
                 )
+                self.metrics.attach(self._metrics_view)
+                watchdog = sdnotify.watchdog_interval_s()
+                if watchdog is not None:
+                    tg.create_task(self._watchdog(watchdog), name="watchdog")
                 runtime.start_events(manager.on_event)
                 await link.run(tg)
                 if await self._recover(manager, runtime, link):
                     link.enable_snapshots()
                     self._activate()
                     self.ready.set()
+                    sdnotify.notify("READY=1\nSTATUS=ready")
                     log.info("agent_ready", tasks=len(manager.active()))
                     tg.create_task(manager.relist_forever(), name="relist")
+                    tg.create_task(
+                        manager.sample_usage_forever(self.sysfs_root / "fs/cgroup", Path("/proc")),
+                        name="usage-sampler",
+                    )
                     reaper = Reaper(cfg, manager, runtime, self._current, node.executor_id)
                     tg.create_task(reaper.run_forever(), name="reaper")
                     await self.stop_requested.wait()
@@ -224,6 +351,13 @@ class Agent:
             await runtime.close()
         log.info("agent_stopped")
         return 0
+
+    async def _watchdog(self, interval_s: float) -> None:
+        """WATCHDOG=1 from the event loop itself: a stuck loop stops the pings and systemd
+        restarts the agent."""
+        while True:
+            sdnotify.notify("WATCHDOG=1")
+            await asyncio.sleep(interval_s)
 
     async def _current(self, executor_id: str) -> Any:
         assert self.link is not None
@@ -257,6 +391,7 @@ class Agent:
         """Refuse new starts, stop serving, flush reports. Containers keep running."""
         assert self.manager is not None
         assert self.link is not None
+        sdnotify.notify("STOPPING=1")
         self.manager.accepting = False
         try:
             async with asyncio.timeout(10):

@@ -75,6 +75,10 @@ class OptionsConfig:
     task_stop_grace_period_s: float = 0.0
     state_dir: str = "/var/lib/drove-agent"
     docker_pool_size: int = 8
+    log_path: str = "/var/log/drove-agent/tasks"
+    task_log_max_size_mb: int = 10
+    task_log_max_files: int = 5
+    usage_sample_interval_s: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,6 +392,12 @@ def _read_options(sec: _Section) -> OptionsConfig:
         ),
         state_dir=sec.string("stateDir", d.state_dir) or d.state_dir,
         docker_pool_size=sec.integer("dockerPoolSize", d.docker_pool_size, 1, 64),
+        log_path=sec.string("logPath", d.log_path) or d.log_path,
+        task_log_max_size_mb=sec.megabytes("taskLogMaxSize", d.task_log_max_size_mb, 1, 10240),
+        task_log_max_files=sec.integer("taskLogMaxFiles", d.task_log_max_files, 1, 100),
+        usage_sample_interval_s=sec.seconds(
+            "usageSampleInterval", d.usage_sample_interval_s, 1, 3600
+        ),
     )
     sec.finish()
     return options

@@ -56,6 +56,7 @@ class ContainerStatus:
     cpuset_cpus: str = ""
     cpuset_mems: str = ""
     memory_bytes: int = 0
+    pid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,5 +138,16 @@ class ContainerRuntime(Protocol):
     async def list_managed(self) -> list[ContainerSummary]: ...
 
     def start_events(self, sink: Callable[[ContainerEvent], None]) -> None: ...
+
+    def follow_logs(
+        self,
+        container_id: str,
+        on_data: Callable[[bytes], None],
+        on_end: Callable[[], None],
+        since: int | None = None,
+    ) -> Callable[[], None]:
+        """Stream a container's stdout and stderr to ``on_data`` (called in a thread of the
+        runtime's) until the container stops; returns a function that ends it early."""
+        ...
 
     async def close(self) -> None: ...

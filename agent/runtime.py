@@ -83,6 +83,7 @@ class DockerRuntime:
         command_timeout_s: float = 30.0,
         pool_size: int = 8,
         pull_pool_size: int = 4,
+        observe: Callable[[str, float, bool], None] | None = None,
     ) -> None:
         self._base_url = f"unix://{socket_path}"
         self._timeout = command_timeout_s
@@ -93,6 +94,11 @@ class DockerRuntime:
         self._events_thread: threading.Thread | None = None
         self._events_stop = threading.Event()
         self._events_stream: Any = None
+        self._observe = observe
+        self._log_pool = ThreadPoolExecutor(max_workers=512, thread_name_prefix="logs")
+        self._log_client: docker.DockerClient | None = None
+        self._log_streams: dict[int, Any] = {}
+        self._closing = False
         self.calls = 0
 
     # --- plumbing -----------------------------------------------------------------------------
@@ -114,11 +120,12 @@ class DockerRuntime:
                 f"the Docker engine at {self._base_url} does not answer: {exc}"
             ) from exc
 
-    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await self._run_in(self._pool, self._timeout + 5, fn, *args, **kwargs)
+    async def _call(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await self._run_in(name, self._pool, self._timeout + 5, fn, *args, **kwargs)
 
     async def _run_in(
         self,
+        name: str,
         pool: ThreadPoolExecutor,
         deadline_s: float | None,
         fn: Callable[..., T],
@@ -129,15 +136,21 @@ class DockerRuntime:
         ctx = contextvars.copy_context()
         call = functools.partial(ctx.run, self._mapped, fn, *args, **kwargs)
         self.calls += 1
+        started = time.monotonic()
+        ok = False
         future = loop.run_in_executor(pool, call)
         try:
             async with asyncio.timeout(deadline_s):
                 result: T = await future
-                return result
+            ok = True
+            return result
         except TimeoutError:
             raise RuntimeUnavailable(
                 f"the Docker engine did not answer within {deadline_s:.0f} s"
             ) from None
+        finally:
+            if self._observe is not None:
+                self._observe(name, time.monotonic() - started, ok)
 
     def _mapped(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
@@ -164,7 +177,7 @@ class DockerRuntime:
         def get() -> str:
             return str(self._docker().version().get("ApiVersion", "?"))
 
-        return await self._call(get)
+        return await self._call("version", get)
 
     async def image_present(self, image: str) -> bool:
         def get() -> bool:
@@ -174,7 +187,7 @@ class DockerRuntime:
                 return False
             return True
 
-        return await self._call(get)
+        return await self._call("inspect_image", get)
 
     async def image_id(self, image: str) -> str:
         def get() -> str:
@@ -184,7 +197,7 @@ class DockerRuntime:
             except docker.errors.ImageNotFound as exc:
                 raise ImageNotFound(f"image {image} is not present") from exc
 
-        return await self._call(get)
+        return await self._call("inspect_image", get)
 
     async def pull(
         self,
@@ -216,7 +229,7 @@ class DockerRuntime:
                     close()
 
         try:
-            await self._run_in(self._pull_pool, None, run)
+            await self._run_in("pull", self._pull_pool, None, run)
         except ContainerNotFound as exc:  # a 404 from /images/create: no such repository
             raise ImagePullFailed(str(exc)) from exc
         except ContainerRuntimeError as exc:
@@ -239,7 +252,7 @@ class DockerRuntime:
             )
             return str(created["Id"])
 
-        return await self._call(run)
+        return await self._call("create", run)
 
     async def put_files(self, container_id: str, files: Sequence[tuple[str, bytes]]) -> None:
         if not files:
@@ -250,10 +263,10 @@ class DockerRuntime:
             if not self._docker().api.put_archive(container_id, "/", archive):
                 raise ContainerRuntimeError(f"copying config files into {container_id} failed")
 
-        await self._call(run)
+        await self._call("put_archive", run)
 
     async def start(self, container_id: str) -> None:
-        await self._call(lambda: self._docker().api.start(container_id))
+        await self._call("start", lambda: self._docker().api.start(container_id))
 
     async def kill(self, container_id: str, signal: str = "SIGKILL") -> None:
         def run() -> None:
@@ -264,7 +277,7 @@ class DockerRuntime:
                 if exc.status_code != 409:
                     raise
 
-        await self._call(run)
+        await self._call("kill", run)
 
     async def inspect(self, container_id: str) -> ContainerStatus | None:
         def run() -> ContainerStatus | None:
@@ -274,7 +287,7 @@ class DockerRuntime:
                 return None
             return _status(data)
 
-        return await self._call(run)
+        return await self._call("inspect", run)
 
     async def remove(self, container_id: str) -> None:
         def run() -> None:
@@ -286,7 +299,7 @@ class DockerRuntime:
                 if exc.status_code != 409:  # removal already in progress
                     raise
 
-        await self._call(run)
+        await self._call("remove", run)
 
     async def remove_image(self, image_id: str) -> None:
         def run() -> None:
@@ -298,7 +311,7 @@ class DockerRuntime:
                 if exc.status_code != 409:  # still used by another container
                     raise
 
-        await self._call(run)
+        await self._call("remove_image", run)
 
     async def list_managed(self) -> list[ContainerSummary]:
         def run() -> list[ContainerSummary]:
@@ -314,7 +327,59 @@ class DockerRuntime:
                 for row in rows
             ]
 
-        return await self._call(run)
+        return await self._call("list", run)
+
+    # --- logs ---------------------------------------------------------------------------------
+
+    def follow_logs(
+        self,
+        container_id: str,
+        on_data: Callable[[bytes], None],
+        on_end: Callable[[], None],
+        since: int | None = None,
+    ) -> Callable[[], None]:
+        key = id(object())
+        stopped = threading.Event()
+
+        def run() -> None:
+            try:
+                with self._client_lock:
+                    if self._log_client is None:
+                        self._log_client = docker.DockerClient(
+                            base_url=self._base_url,
+                            version="auto",
+                            timeout=None,  # type: ignore[arg-type]  # a follow waits indefinitely
+                            max_pool_size=512,
+                        )
+                    client = self._log_client
+                stream = client.api.logs(
+                    container_id, stdout=True, stderr=True, stream=True, follow=True, since=since
+                )
+                self._log_streams[key] = stream
+                if stopped.is_set():
+                    return
+                for chunk in stream:
+                    on_data(chunk)
+            except Exception as exc:
+                if not stopped.is_set() and not self._closing:
+                    log.info(
+                        "container_log_stream_ended", container_id=container_id[:12], error=str(exc)
+                    )
+            finally:
+                self._log_streams.pop(key, None)
+                on_end()
+
+        def stop() -> None:
+            stopped.set()
+            stream = self._log_streams.pop(key, None)
+            if stream is not None:
+                try:
+                    stream.close()
+                except Exception as exc:
+                    log.debug("container_log_close_failed", error=str(exc))
+
+        self._log_pool.submit(contextvars.copy_context().run, run)
+        return stop
 
     # --- events -------------------------------------------------------------------------------
 
@@ -369,7 +434,14 @@ class DockerRuntime:
             backoff = min(backoff * 2, 5.0)
 
     async def close(self) -> None:
+        self._closing = True
         self._events_stop.set()
+        for stream in list(self._log_streams.values()):
+            try:
+                stream.close()
+            except Exception as exc:
+                log.debug("container_log_close_failed", error=str(exc))
+        await asyncio.to_thread(self._log_pool.shutdown, wait=False, cancel_futures=True)
         stream = self._events_stream
         if stream is not None:
             try:
@@ -382,6 +454,9 @@ class DockerRuntime:
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
         await asyncio.to_thread(self._pull_pool.shutdown, wait=False, cancel_futures=True)
         self._drop_client()
+        if self._log_client is not None:
+            self._log_client.close()
+            self._log_client = None
 
 
 def _explain(exc: docker.errors.APIError) -> str:
@@ -425,6 +500,7 @@ def _status(data: Mapping[str, Any]) -> ContainerStatus:
         cpuset_cpus=str(host.get("CpusetCpus") or ""),
         cpuset_mems=str(host.get("CpusetMems") or ""),
         memory_bytes=int(host.get("Memory") or 0),
+        pid=int(state.get("Pid") or 0),
     )
 
 

@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -34,6 +35,7 @@ from agent.containers import (
     PullProgress,
 )
 from agent.errors import AgentError, IllegalTransition, RuntimeUnavailable
+from agent.metrics import CgroupUsage, Metrics, TaskUsage, read_usage
 from agent.models import (
     DeviceRequestSpec,
     ResultStatus,
@@ -43,6 +45,7 @@ from agent.models import (
     transition_allowed,
 )
 from agent.node import ExecutorState, Node, now_ms
+from agent.tasklogs import LogStore, RotatingLogFile
 
 log = structlog.get_logger(__name__)
 
@@ -96,6 +99,9 @@ class TaskRecord:
     exit_seen: bool = False
     oom_seen: bool = False
     finished_at_ms: int | None = None
+    pid: int = 0
+    usage: CgroupUsage | None = None
+    stop_logs: Callable[[], None] | None = None
     pull_cancel: threading.Event = field(default_factory=threading.Event)
     pull_progress: PullProgress = field(default_factory=PullProgress)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -294,6 +300,8 @@ class TaskManager:
         sink: ControllerSink,
         spawn: Spawn,
         environ: Mapping[str, str] | None = None,
+        logs: LogStore | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.node = node
@@ -308,6 +316,8 @@ class TaskManager:
         self.docker_ok = True
         self.docker_error = ""
         self.accepting = True
+        self.logs = logs
+        self.metrics = metrics
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -507,6 +517,12 @@ class TaskManager:
                 self.records.pop(old_id, None)
             self.sink.resources_changed()
             rec.done.set()
+        if (
+            new is TaskState.RUN_COMPLETED
+            and rec.finished_at_ms is not None
+            and self.metrics is not None
+        ):
+            self.metrics.exit_to_report.observe(max(0.0, (now_ms() - rec.finished_at_ms) / 1000))
         log.info(
             "task_state_changed",
             instance_id=rec.instance_id,
@@ -540,6 +556,7 @@ class TaskManager:
     async def _drive(self, rec: TaskRecord) -> None:
         if rec.state is TaskState.UNKNOWN:
             self._transition(rec, TaskState.RUNNING)
+            self._follow_logs(rec, since=self._last_log_time(rec))
             await self._monitor(rec)
             await self._deprovision(rec)
             return
@@ -618,6 +635,7 @@ class TaskManager:
                 self._cancelled(rec)
                 return
             await self.runtime.start(rec.container_id)
+            self._follow_logs(rec, since=None)
         except AgentError as exc:
             self._transition(
                 rec,
@@ -692,6 +710,67 @@ class TaskManager:
                 break
         status = await self._inspect(rec)
         return status is None or not status.running
+
+    def _follow_logs(self, rec: TaskRecord, since: int | None) -> None:
+        """Copy the container's output to <logPath>/<app>/<taskId>/output.log (in a thread)."""
+        if self.logs is None or rec.container_id is None:
+            return
+        try:
+            path = self.logs.output_file(rec.spec.source_app_name, rec.spec.task_id)
+        except Exception as exc:
+            log.warning("task_log_unavailable", error=str(exc))
+            return
+        opts = self.cfg.options
+        writer = RotatingLogFile(path, opts.task_log_max_size_mb << 20, opts.task_log_max_files)
+
+        def write(data: bytes) -> None:
+            try:
+                writer.write(data)
+            except OSError as exc:
+                log.warning("task_log_write_failed", error=str(exc))
+
+        rec.stop_logs = self.runtime.follow_logs(rec.container_id, write, writer.close, since)
+
+    def _last_log_time(self, rec: TaskRecord) -> int | None:
+        if self.logs is None:
+            return None
+        try:
+            mtime = (
+                self.logs.output_file(rec.spec.source_app_name, rec.spec.task_id).stat().st_mtime
+            )
+        except Exception:
+            return None
+        return int(mtime) + 1
+
+    async def sample_usage_forever(self, cgroup_root: Path, proc_root: Path) -> None:
+        interval = self.cfg.options.usage_sample_interval_s
+        while True:
+            await self.sample_usage(cgroup_root, proc_root)
+            await asyncio.sleep(interval)
+
+    async def sample_usage(self, cgroup_root: Path, proc_root: Path) -> None:
+        """CPU and memory of every running task, from its cgroup files (one thread hop)."""
+        running = [r for r in self.active() if r.state is TaskState.RUNNING and r.container_id]
+        for rec in running:
+            if not rec.pid:
+                try:
+                    status = await self.runtime.inspect(rec.container_id or "")
+                except AgentError:
+                    continue
+                rec.pid = status.pid if status is not None and status.running else 0
+
+        def read_all() -> list[tuple[TaskRecord, CgroupUsage | None]]:
+            return [(r, read_usage(cgroup_root, proc_root, r.pid)) for r in running if r.pid]
+
+        for rec, usage in await asyncio.to_thread(read_all):
+            rec.usage = usage
+
+    def usage(self) -> list[TaskUsage]:
+        return [
+            TaskUsage(r.instance_id, r.spec.task_id, r.spec.source_app_name, r.usage)
+            for r in self.active()
+            if r.usage is not None
+        ]
 
     async def _deprovision(self, rec: TaskRecord) -> None:
         if rec.container_id:

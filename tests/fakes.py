@@ -118,6 +118,14 @@ class FakeRuntime:
     def start_events(self, sink: Callable[[ContainerEvent], None]) -> None:
         self.sink = sink
 
+    def follow_logs(self, container_id, on_data, on_end, since=None):
+        self.calls.append(("follow_logs", container_id))
+        output = self.containers.get(container_id, {}).get("output", b"")
+        if output:
+            on_data(output)
+        on_end()
+        return lambda: None
+
     async def close(self) -> None:
         pass
 

@@ -33,6 +33,7 @@ def write_config(path: Path, port: int, **sections: Any) -> Path:
         "options": {
             "hostname": "127.0.0.1",
             "stateDir": str(path.parent / "state"),
+            "logPath": str(path.parent / "logs"),
             "maxOpenFiles": 4096,
         },
         "clusterAuth": {

@@ -31,6 +31,26 @@ class Core:
     def recent_reports(self):
         return []
 
+    def agent_view(self):
+        return {}
+
+    def subscribe(self):
+        import asyncio
+
+        return asyncio.Queue()
+
+    def unsubscribe(self, queue):
+        pass
+
+    def metrics_text(self):
+        return b""
+
+    def observe_message(self, kind, seconds):
+        pass
+
+    def log_store(self):
+        return None
+
 
 async def client() -> TestClient:
     app = api.build_app(Core(), ("ControllerSecret", "ExecutorSecret"))
