@@ -566,3 +566,26 @@ def _track(progress: PullProgress, chunk: Mapping[str, Any]) -> None:
         progress.layers_done[layer] = int(detail.get("current") or 0)
     elif status in ("Download complete", "Pull complete") and layer in progress.layers_total:
         progress.layers_done[layer] = progress.layers_total[layer]
+
+
+def engine_info(socket_path: str, timeout_s: float = 5.0) -> dict[str, str]:
+    """For ``drove-agent doctor``: what the engine says about itself (blocking)."""
+    try:
+        client = docker.DockerClient(
+            base_url=f"unix://{socket_path}", version="auto", timeout=int(timeout_s)
+        )
+    except docker.errors.DockerException as exc:
+        raise RuntimeUnavailable(str(exc)) from exc
+    try:
+        version = client.version()
+        info = client.info()
+    except (docker.errors.DockerException, *_UNAVAILABLE) as exc:
+        raise RuntimeUnavailable(str(exc)) from exc
+    finally:
+        client.close()
+    return {
+        "version": str(version.get("Version", "?")),
+        "api": str(version.get("ApiVersion", "?")),
+        "cgroup_version": str(info.get("CgroupVersion", "?")),
+        "cgroup_driver": str(info.get("CgroupDriver", "?")),
+    }
