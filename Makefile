@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/agent.yaml
 
-.PHONY: setup host venv lint typecheck test unit run clean
+.PHONY: setup host venv lint typecheck test unit run clean install
 
 venv: $(VENV)/.installed
 
@@ -37,3 +37,13 @@ run: setup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# Install as a systemd service: the agent in /opt/drove-agent, the unit, a config to edit.
+install:
+	python3 -m venv /opt/drove-agent
+	/opt/drove-agent/bin/pip install -q .
+	ln -sf /opt/drove-agent/bin/drove-agent /usr/local/bin/drove-agent
+	install -m 0644 systemd/drove-agent.service /etc/systemd/system/drove-agent.service
+	install -d /etc/drove-agent
+	[ -f /etc/drove-agent/agent.yaml ] || install -m 0640 config/agent.yaml /etc/drove-agent/agent.yaml
+	@echo "now: systemctl daemon-reload && systemctl enable --now drove-agent"
