@@ -132,6 +132,9 @@ def _operator(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
             return 1
         except KeyboardInterrupt:
             return 130
+        except BrokenPipeError:  # e.g. piped into head: the reader has gone
+            sys.stderr.close()
+            return 141
 
     return wrapped
 

@@ -427,7 +427,9 @@ def run_doctor(config_path: str, sysfs_root: Path, out: Callable[[str], None] = 
         error = _writable(Path(path))
         report(
             error is None,
-            f"{key} {path} is writable" + (f": {error}" if error else ""),
+            f"{key} {path} is writable"
+            if error is None
+            else f"{key} {path} is not writable: {error}",
             f"create it, or point {key} elsewhere",
         )
 

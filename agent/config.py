@@ -285,7 +285,7 @@ class _Section:
             if isinstance(value, bool) or not isinstance(value, str | int):
                 raise ValueError(f"{_fmt(value)} is not a data size like '10MB'")
             size = parse_data_size(str(value))
-            _bounded(size / _MB, lo_mb, hi_mb, str(value), unit=" MB")
+            _bounded(size / 1_000_000, lo_mb, hi_mb, str(value), unit=" MB")
             return max(1, size // _MB)
 
         return self._get(key, default, convert)

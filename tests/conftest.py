@@ -179,7 +179,7 @@ def _no_leaked_containers(request) -> Iterator[None]:
     client = docker.from_env()
     try:
         left = client.containers.list(all=True, filters={"label": "drove.job.type"})
-        names = [c.name for c in left]
+        names = [f"{c.name} ({c.status})" for c in left]
         for c in left:
             c.remove(force=True)
     finally:
