@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/agent.yaml
 
-.PHONY: setup host venv lint typecheck test unit run clean install
+.PHONY: setup host venv lint typecheck test unit run clean install bench fuzz soak
 
 venv: $(VENV)/.installed
 
@@ -47,3 +47,13 @@ install:
 	install -d /etc/drove-agent
 	[ -f /etc/drove-agent/agent.yaml ] || install -m 0640 config/agent.yaml /etc/drove-agent/agent.yaml
 	@echo "now: systemctl daemon-reload && systemctl enable --now drove-agent"
+
+# Benchmarks, fuzzing and the soak test (not part of make test); see docs/benchmarks.md.
+bench: setup
+	$(BIN)/python bench/bench.py
+
+fuzz: setup
+	FUZZ_EXAMPLES=12000 $(BIN)/pytest -q -p no:cacheprovider tests/fuzz
+
+soak: setup
+	$(BIN)/python bench/soak.py

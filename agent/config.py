@@ -461,7 +461,7 @@ def _read_resources(sec: _Section) -> ResourcesConfig:
     over = sec.section("overProvisioning")
     over_cfg = OverProvisioningConfig(
         enabled=over.boolean("enabled", False),
-        cpu_multiplier=over.integer("cpuMultiplier", 1, 1, 20),
+        cpu_multiplier=over.integer("cpuMultiplier", 1, 1, 64),
         memory_multiplier=over.integer("memoryMultiplier", 1, 1, 20),
     )
     over.finish()

@@ -74,7 +74,7 @@ def test_every_problem_is_reported_with_its_key(tmp_path):
         """
         server: {port: 70000}
         options: {cacheImages: maybe, containerCommandTimeout: 2 seconds, logBufferSize: 500MB}
-        resources: {exposedMemPercentage: 10, osCores: [1, x], overProvisioning: {cpuMultiplier: 30}}
+        resources: {exposedMemPercentage: 10, osCores: [1, x], overProvisioning: {cpuMultiplier: 70}}
         """,
     )
     assert found == [
@@ -82,7 +82,7 @@ def test_every_problem_is_reported_with_its_key(tmp_path):
         "options.cacheImages: 'maybe' is not true or false",
         "options.logBufferSize: 500MB is above the maximum 128 MB",
         "options.containerCommandTimeout: 2 seconds is below the minimum 5 seconds",
-        "resources.overProvisioning.cpuMultiplier: 30 is above the maximum 20",
+        "resources.overProvisioning.cpuMultiplier: 70 is above the maximum 64",
         "resources.osCores[1]: 'x' is not a core number",
         "resources.exposedMemPercentage: 10 is below the minimum 50",
     ]
