@@ -20,8 +20,8 @@ host:
 setup: venv host
 
 lint: venv
-	$(BIN)/ruff check agent tests
-	$(BIN)/ruff format --check agent tests
+	$(BIN)/ruff check agent tests bench
+	$(BIN)/ruff format --check agent tests bench
 
 typecheck: venv
 	$(BIN)/mypy --strict agent
