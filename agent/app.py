@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
 from pathlib import Path
@@ -333,6 +334,8 @@ class Agent:
                     self.ready.set()
                     sdnotify.notify("READY=1\nSTATUS=ready")
                     log.info("agent_ready", tasks=len(manager.active()))
+                    # Start-up objects never die: keep them out of the collector's full passes.
+                    gc.freeze()
                     tg.create_task(manager.relist_forever(), name="relist")
                     tg.create_task(
                         manager.sample_usage_forever(self.sysfs_root / "fs/cgroup", Path("/proc")),

@@ -1,12 +1,25 @@
 """structlog set-up: JSON lines when stdout is not a terminal, the console renderer when it is.
-Standard-library loggers (aiohttp, docker, urllib3) go through the same renderer."""
+
+The agent's own events go through structlog's fast path (a filtering bound logger writing straight
+to stdout); standard-library loggers (aiohttp, docker, urllib3) go through the same processors and
+renderer via ProcessorFormatter, so every line has one shape.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any, TextIO
 
 import structlog
+
+
+class _NamedWriter(structlog.WriteLogger):
+    """A WriteLogger that knows its name, so ``add_logger_name`` works without the stdlib."""
+
+    def __init__(self, name: str, file: TextIO) -> None:
+        super().__init__(file)
+        self.name = name
 
 
 def configure(level: str = "INFO", json: bool | None = None) -> None:
@@ -24,13 +37,15 @@ def configure(level: str = "INFO", json: bool | None = None) -> None:
         shared.append(structlog.processors.dict_tracebacks)
     else:
         renderer = structlog.dev.ConsoleRenderer()
+    numeric = logging.getLevelName(level)
+
+    def factory(*args: Any) -> _NamedWriter:
+        return _NamedWriter(str(args[0]) if args else "agent", sys.stdout)
+
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, renderer],
+        logger_factory=factory,
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stdout)

@@ -98,6 +98,8 @@ class TaskRecord:
     stop_requested: bool = False
     exit_seen: bool = False
     oom_seen: bool = False
+    die_code: int | None = None  # the exit code a die event carried
+    die_at_ms: int | None = None
     finished_at_ms: int | None = None
     pid: int = 0
     usage: CgroupUsage | None = None
@@ -450,10 +452,14 @@ class TaskManager:
         rec = self._by_container.get(event.container_id)
         if rec is None:
             return
+        log.debug("container_event", instance_id=rec.instance_id, kind=str(event.kind))
         if event.kind is EventKind.OOM:
             rec.oom_seen = True
             log.info("container_oom", instance_id=rec.instance_id)
         elif event.kind in (EventKind.DIE, EventKind.DESTROY):
+            if event.kind is EventKind.DIE and event.exit_code is not None:
+                rec.die_code = event.exit_code
+                rec.die_at_ms = event.time_ns // 1_000_000 if event.time_ns else now_ms()
             rec.exit_seen = True
             rec.wake.set()
 
@@ -649,7 +655,17 @@ class TaskManager:
     async def _monitor(self, rec: TaskRecord) -> None:
         """Wait for the container's exit or a stop; then RUN_COMPLETED with the outcome."""
         assert rec.container_id is not None
+        memory_mb = rec.spec.resources.total_memory_mb
         while True:
+            code = rec.die_code
+            if code is not None and not rec.stopping() and (code != 137 or rec.oom_seen):
+                # The die event's exit code is the answer: an inspect right after a die waits for
+                # dockerd's clean-up (tens of ms). Only a 137 without an oom event is looked at
+                # again, for State.OOMKilled.
+                rec.finished_at_ms = rec.die_at_ms
+                result, message = exit_result(code, rec.oom_seen, memory_mb)
+                self._transition(rec, TaskState.RUN_COMPLETED, result=result, error=message)
+                return
             if rec.exit_seen or rec.stopping():
                 status = await self._inspect(rec)
                 if status is None:
@@ -663,9 +679,7 @@ class TaskManager:
                 if not status.running:
                     rec.finished_at_ms = status.finished_at_ms
                     result, message = exit_result(
-                        status.exit_code,
-                        rec.oom_seen or status.oom_killed,
-                        rec.spec.resources.total_memory_mb,
+                        status.exit_code, rec.oom_seen or status.oom_killed, memory_mb
                     )
                     self._transition(rec, TaskState.RUN_COMPLETED, result=result, error=message)
                     return

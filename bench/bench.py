@@ -343,6 +343,15 @@ class Bench:
             "met": took <= 5.0,
         }
 
+    def run_quick(self) -> dict[str, Any]:
+        """Start latency, exit latency, burst and acks only (for profiling)."""
+        self.agent.start()
+        self.agent.wait_state("ACTIVE")
+        self.start_and_exit_latency()
+        ids = self.burst_and_acks()
+        self.stop_all(ids)
+        return self.results
+
     def run(self) -> dict[str, Any]:
         self.agent.start()
         self.agent.wait_state("ACTIVE")
@@ -480,15 +489,19 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=50)
     parser.add_argument("--running", type=int, default=100)
     parser.add_argument("--out", default=str(ROOT / "bench/results.json"))
+    parser.add_argument("--quick", action="store_true", help="latencies, burst and acks only")
     args = parser.parse_args()
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="drove-bench-") as tmp:
         bench = Bench(Path(tmp), args.runs, args.burst, args.running)
         try:
-            results = bench.run()
+            results = bench.run_quick() if args.quick else bench.run()
         finally:
             bench.close()
+    if args.quick:
+        print(json.dumps(results, indent=2))
+        return 0
     results = {"machine": machine(), **results}
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
