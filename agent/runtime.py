@@ -9,6 +9,7 @@ The events stream runs in its own thread and hands events to the loop thread-saf
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import datetime as dt
 import functools
@@ -88,14 +89,15 @@ class DockerRuntime:
         self._base_url = f"unix://{socket_path}"
         self._timeout = command_timeout_s
         self._pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="docker")
-        self._pull_pool = ThreadPoolExecutor(max_workers=pull_pool_size, thread_name_prefix="pull")
+        # Pulls and log follows can block for minutes: they run on daemon threads of their own,
+        # so a stalled registry or a quiet container never holds up the agent's exit.
+        self._pull_slots = asyncio.Semaphore(pull_pool_size)
         self._client_lock = threading.Lock()
         self._client: docker.DockerClient | None = None
         self._events_thread: threading.Thread | None = None
         self._events_stop = threading.Event()
         self._events_stream: Any = None
         self._observe = observe
-        self._log_pool = ThreadPoolExecutor(max_workers=512, thread_name_prefix="logs")
         self._log_client: docker.DockerClient | None = None
         self._log_streams: dict[int, Any] = {}
         self._closing = False
@@ -126,7 +128,7 @@ class DockerRuntime:
     async def _run_in(
         self,
         name: str,
-        pool: ThreadPoolExecutor,
+        pool: ThreadPoolExecutor | None,
         deadline_s: float | None,
         fn: Callable[..., T],
         *args: Any,
@@ -138,7 +140,11 @@ class DockerRuntime:
         self.calls += 1
         started = time.monotonic()
         ok = False
-        future = loop.run_in_executor(pool, call)
+        future = (
+            loop.run_in_executor(pool, call)
+            if pool is not None
+            else asyncio.wrap_future(_in_daemon_thread(call, name))
+        )
         try:
             async with asyncio.timeout(deadline_s):
                 result: T = await future
@@ -229,7 +235,8 @@ class DockerRuntime:
                     close()
 
         try:
-            await self._run_in("pull", self._pull_pool, None, run)
+            async with self._pull_slots:
+                await self._run_in("pull", None, None, run)
         except ContainerNotFound as exc:  # a 404 from /images/create: no such repository
             raise ImagePullFailed(str(exc)) from exc
         except ContainerRuntimeError as exc:
@@ -356,7 +363,8 @@ class DockerRuntime:
                     container_id, stdout=True, stderr=True, stream=True, follow=True, since=since
                 )
                 self._log_streams[key] = stream
-                if stopped.is_set():
+                if stopped.is_set() or self._closing:  # stop() or close() came first
+                    stream.close()
                     return
                 for chunk in stream:
                     on_data(chunk)
@@ -378,7 +386,7 @@ class DockerRuntime:
                 except Exception as exc:
                     log.debug("container_log_close_failed", error=str(exc))
 
-        self._log_pool.submit(contextvars.copy_context().run, run)
+        _in_daemon_thread(functools.partial(contextvars.copy_context().run, run), "logs")
         return stop
 
     # --- events -------------------------------------------------------------------------------
@@ -441,7 +449,6 @@ class DockerRuntime:
                 stream.close()
             except Exception as exc:
                 log.debug("container_log_close_failed", error=str(exc))
-        await asyncio.to_thread(self._log_pool.shutdown, wait=False, cancel_futures=True)
         stream = self._events_stream
         if stream is not None:
             try:
@@ -452,11 +459,26 @@ class DockerRuntime:
         if thread is not None:
             await asyncio.to_thread(thread.join, 5)
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
-        await asyncio.to_thread(self._pull_pool.shutdown, wait=False, cancel_futures=True)
         self._drop_client()
         if self._log_client is not None:
             self._log_client.close()
             self._log_client = None
+
+
+def _in_daemon_thread(fn: Callable[[], T], name: str) -> concurrent.futures.Future[T]:
+    """Run ``fn`` on a daemon thread of its own; the interpreter does not wait for it at exit."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def target() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return future
 
 
 def _explain(exc: docker.errors.APIError) -> str:

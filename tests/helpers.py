@@ -163,7 +163,18 @@ class AgentProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            spy = Path(sys.executable).parent / "py-spy"
+            stacks = ""
+            if spy.exists():
+                stacks = subprocess.run(
+                    [str(spy), "dump", "--pid", str(self.proc.pid)], capture_output=True, text=True
+                ).stdout
+            raise AssertionError(
+                f"agent did not stop within {timeout}s\n{stacks}\n{self.log()[-3000:]}"
+            ) from None
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
