@@ -181,15 +181,36 @@ def test_events_stream_every_report_to_a_client(agent):
     ]
     # and the CLI tails the same stream
     tail = subprocess.Popen(
-        [sys.executable, "-m", "agent", "events", "--config", str(agent.config), "--count", "6"],
+        [sys.executable, "-m", "agent", "events", "--config", str(agent.config)],
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1)
-    http_json(f"{agent.url}/apis/v1/messages", body=start_message(new_instance_id(), ["true"]))
-    out, _ = tail.communicate(timeout=30)
-    assert "PROVISIONING" in out
-    assert "STOPPED SUCCESSFUL (0)" in out
+    try:
+        assert tail.stdout is not None
+        time.sleep(1)
+        other = new_instance_id()
+        http_json(f"{agent.url}/apis/v1/messages", body=start_message(other, ["true"]))
+        seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = tail.stdout.readline()
+            if other in line:
+                seen.append(line.split()[2])
+            if f"{other} STOPPED SUCCESSFUL (0)" in line:
+                break
+        assert seen == [
+            "PROVISIONING",
+            "STARTING",
+            "RUNNING",
+            "RUN_COMPLETED",
+            "DEPROVISIONING",
+            "STOPPED",
+        ]
+    finally:
+        tail.kill()
+        tail.wait(10)
+        if tail.stdout is not None:
+            tail.stdout.close()
 
 
 def _metrics(agent):
