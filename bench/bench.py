@@ -15,6 +15,7 @@ import json
 import math
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -161,7 +162,7 @@ class Bench:
         before = proc.cpu_times()
         time.sleep(seconds)
         after = proc.cpu_times()
-        cpu = (after.user + after.system - before.user - before.system) / seconds
+        cpu = max(0.0, (after.user + after.system - before.user - before.system) / seconds)
         return {
             "rss_mib": round(proc.memory_info().rss / 2**20, 1),
             "cpu_percent_of_core": round(cpu * 100, 2),
@@ -264,33 +265,28 @@ class Bench:
     def ack_latency(
         self, messages: list[dict[str, Any]], senders: int = 50, per_sender: int = 40
     ) -> None:
-        """50 concurrent senders re-sending START_TASKs of running tasks (full parse, idempotent
-        answer) and STOP_TASKs of unknown tasks."""
-        latencies: list[float] = []
-
-        async def run() -> None:
-            async with aiohttp.ClientSession(
-                headers={"Cluster-Authorization": CONTROLLER_SECRET},
-                connector=aiohttp.TCPConnector(limit=0),
-            ) as session:
-
-                async def sender(n: int) -> None:
-                    for k in range(per_sender):
-                        msg = (
-                            messages[(n + k) % len(messages)]
-                            if k % 2 == 0
-                            else stop_message(f"TI-none-{n}-{k}")
-                        )
-                        t = time.perf_counter()
-                        async with session.post(
-                            f"{self.agent.url}/apis/v1/messages", json=msg
-                        ) as resp:
-                            await resp.read()
-                        latencies.append(time.perf_counter() - t)
-
-                await asyncio.gather(*(sender(n) for n in range(senders)))
-
-        asyncio.run(run())
+        """50 concurrent senders (in a separate process) re-sending START_TASKs of running tasks
+        (full parse, idempotent answer) and STOP_TASKs of unknown tasks."""
+        mixed: list[dict[str, Any]] = []
+        for n, msg in enumerate(messages):
+            mixed.append(msg)
+            mixed.append(stop_message(f"TI-none-{n}"))
+        spec = {
+            "url": f"{self.agent.url}/apis/v1/messages",
+            "secret": CONTROLLER_SECRET,
+            "messages": mixed,
+            "senders": senders,
+            "per_sender": per_sender,
+        }
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "bench/ackload.py")],
+            input=json.dumps(spec),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        ).stdout
+        latencies: list[float] = json.loads(out)
         p99 = pct(latencies, 99)
         self.results["message_ack"] = {
             "senders": senders,

@@ -231,3 +231,22 @@ def test_console_renderer_on_a_terminal():
     assert "hello_there" in out
     with pytest.raises(json.JSONDecodeError, match="Expecting value"):
         json.loads(out)
+
+
+def test_pull_progress_is_tracked_per_layer():
+    from agent.containers import PullProgress
+    from agent.runtime import _track, split_image
+
+    progress = PullProgress()
+    assert progress.percent is None
+    _track(progress, {"status": "Pulling fs layer", "id": "a"})
+    _track(progress, {"status": "Downloading", "id": "a", "progressDetail": {"current": 25, "total": 100}})
+    _track(progress, {"status": "Downloading", "id": "b", "progressDetail": {"current": 0, "total": 100}})
+    assert progress.percent == 12.5
+    _track(progress, {"status": "Download complete", "id": "a"})
+    assert progress.percent == 50
+    _track(progress, {"status": "Pull complete", "id": "b"})
+    assert progress.percent == 100
+    assert split_image("reg:5000/app") == ("reg:5000/app", "latest")
+    assert split_image("reg:5000/app:1.2") == ("reg:5000/app", "1.2")
+    assert split_image("app@sha256:abc") == ("app", "sha256:abc")
