@@ -240,8 +240,14 @@ def test_pull_progress_is_tracked_per_layer():
     progress = PullProgress()
     assert progress.percent is None
     _track(progress, {"status": "Pulling fs layer", "id": "a"})
-    _track(progress, {"status": "Downloading", "id": "a", "progressDetail": {"current": 25, "total": 100}})
-    _track(progress, {"status": "Downloading", "id": "b", "progressDetail": {"current": 0, "total": 100}})
+    _track(
+        progress,
+        {"status": "Downloading", "id": "a", "progressDetail": {"current": 25, "total": 100}},
+    )
+    _track(
+        progress,
+        {"status": "Downloading", "id": "b", "progressDetail": {"current": 0, "total": 100}},
+    )
     assert progress.percent == 12.5
     _track(progress, {"status": "Download complete", "id": "a"})
     assert progress.percent == 50
