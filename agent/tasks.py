@@ -122,12 +122,12 @@ class TaskRecord:
         self.updated = max(now_ms(), self.updated + 1)
         return self.updated
 
-    def executor_task_info(self) -> dict[str, Any]:
-        """``ExecutorTaskInfo`` (spec §3.2), stored in the container label for recovery."""
+    def _spec_fields(self) -> dict[str, Any]:
+        """What ExecutorTaskInfo and TaskInfo share (null fields are left out, spec §0)."""
         return _without_nulls(
             {
-                "taskId": self.spec.task_id,
                 "sourceAppName": self.spec.source_app_name,
+                "taskId": self.spec.task_id,
                 "instanceId": self.instance_id,
                 "executorId": self.executor_id,
                 "hostname": self.hostname,
@@ -137,33 +137,27 @@ class TaskRecord:
                 "loggingSpec": self.spec.wire.get("loggingSpec"),
                 "env": dict(self.spec.env),
                 "metadata": {},
-                "created": self.created,
-                "updated": self.updated or self.created,
             }
         )
 
+    def executor_task_info(self) -> dict[str, Any]:
+        """``ExecutorTaskInfo`` (spec §3.2), stored in the container label for recovery."""
+        return {
+            **self._spec_fields(),
+            "created": self.created,
+            "updated": self.updated or self.created,
+        }
+
     def to_wire(self) -> dict[str, Any]:
         """``TaskInfo`` (spec §3.3) with a fresh, strictly increasing ``updated``."""
-        return _without_nulls(
-            {
-                "sourceAppName": self.spec.source_app_name,
-                "taskId": self.spec.task_id,
-                "instanceId": self.instance_id,
-                "executorId": self.executor_id,
-                "hostname": self.hostname,
-                "executable": self.spec.executable_wire(),
-                "resources": self.spec.resources_wire(),
-                "volumes": self.spec.volumes_wire(),
-                "loggingSpec": self.spec.wire.get("loggingSpec"),
-                "env": dict(self.spec.env),
-                "state": str(self.state),
-                "metadata": {},
-                "taskResult": self.result.to_wire() if self.result else None,
-                "errorMessage": self.error,
-                "created": self.created,
-                "updated": self.stamp(),
-            }
-        )
+        info = self._spec_fields()
+        info["state"] = str(self.state)
+        if self.result is not None:
+            info["taskResult"] = self.result.to_wire()
+        info["errorMessage"] = self.error
+        info["created"] = self.created
+        info["updated"] = self.stamp()
+        return info
 
 
 def _without_nulls(data: dict[str, Any]) -> dict[str, Any]:
