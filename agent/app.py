@@ -16,7 +16,7 @@ from agent import api, sdnotify
 from agent.allocator import Allocator
 from agent.config import Config, UpdateMode
 from agent.containers import ContainerRuntime
-from agent.errors import RuntimeUnavailable
+from agent.errors import AgentError
 from agent.inventory import HostInventory, build_inventory, read_topology
 from agent.journal import Journal
 from agent.metrics import Metrics
@@ -218,8 +218,11 @@ class Agent:
             self.link.resources_changed()
 
     def _activate(self) -> None:
-        """UNREADY -> ACTIVE once a leader answers (at once in standalone mode)."""
+        """UNREADY -> ACTIVE once recovery is done and a leader answers (at once in standalone
+        mode): until then the resources of containers not yet re-attached are not locked."""
         if self.node is None or self.node.state is not ExecutorState.UNREADY:
+            return
+        if not self.ready.is_set():
             return
         if self.cfg.mode is UpdateMode.STANDALONE or (self.link and self.link.leader):
             self._set_state(ExecutorState.ACTIVE)
@@ -267,7 +270,9 @@ class Agent:
         for warning in cfg.warnings:
             log.warning("config_warning", detail=warning)
         self.inventory = inventory = await asyncio.to_thread(discover, cfg, self.sysfs_root)
-        hostname = cfg.options.hostname or canonical_hostname()
+        hostname: str = cfg.options.hostname or ""
+        if not hostname:
+            hostname = await asyncio.to_thread(canonical_hostname)
         journal: Journal | None = None
         pending: list[tuple[int, dict[str, Any]]] = []
         if cfg.mode is UpdateMode.RPC:
@@ -330,8 +335,8 @@ class Agent:
                 await link.run(tg)
                 if await self._recover(manager, runtime, link):
                     link.enable_snapshots()
-                    self._activate()
                     self.ready.set()
+                    self._activate()
                     sdnotify.notify("READY=1\nSTATUS=ready")
                     log.info("agent_ready", tasks=len(manager.active()))
                     # Start-up objects never die: keep them out of the collector's full passes.
@@ -377,7 +382,7 @@ class Agent:
             known = await link.known_instances(self.node.executor_id, "last")
             try:
                 result = await recover(manager, runtime, known)
-            except RuntimeUnavailable as exc:
+            except AgentError as exc:
                 log.warning("recovery_waiting_for_docker", error=str(exc), retry_s=backoff)
                 try:
                     async with asyncio.timeout(backoff):

@@ -68,6 +68,7 @@ class ContainerSummary:
     running: bool
     labels: Mapping[str, str]
     image_id: str
+    state: str = ""  # Docker's State: created, running, exited, ...
 
 
 class EventKind(StrEnum):

@@ -73,6 +73,8 @@ class Journal:
         if not lines:
             return
         header = json.loads(lines[0])
+        if not isinstance(header, dict):
+            raise ValueError("the header line is not a JSON object")
         if header.get("format") != FORMAT:
             raise ValueError(f"not a report journal (format {header.get('format')!r})")
         if header.get("version") != VERSION:
@@ -80,6 +82,8 @@ class Journal:
         for index, raw in enumerate(lines[1:], start=2):
             try:
                 entry = json.loads(raw)
+                if not isinstance(entry, dict):
+                    raise ValueError(f"line {index} is not a JSON object")
             except ValueError:
                 if index == len(lines):  # a torn final append: the crash came mid-write
                     log.warning("report_journal_torn_tail_ignored", line=index)

@@ -26,7 +26,7 @@ from agent.containers import (
     ContainerRuntime,
     ContainerSummary,
 )
-from agent.errors import AgentError, MessageError, RuntimeUnavailable
+from agent.errors import AgentError, MessageError
 from agent.models import TaskSpec, parse_task_spec
 from agent.tasks import TaskManager
 
@@ -113,6 +113,7 @@ async def recover(
             updated=_int(parsed.info.get("updated")),
             container_id=summary.id,
             image_id=summary.image_id,
+            never_started=summary.state == "created",
         )
         if verdict.accepted:
             log.info("task_recovered", instance_id=iid, running=summary.running)
@@ -150,7 +151,7 @@ class Reaper:
     async def reap_once(self) -> list[str]:
         try:
             containers = await self.runtime.list_managed()
-        except RuntimeUnavailable as exc:
+        except AgentError as exc:
             log.info("reaper_skipped", reason=str(exc))
             return []
         known = await self.fetch_current(self.executor_id)

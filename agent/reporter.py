@@ -9,11 +9,13 @@ there until the controller answers ACCEPTED, across restarts and crashes.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import aiohttp
@@ -30,6 +32,7 @@ SNAPSHOT_INTERVAL_S = 20.0
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
 RECENT_REPORTS = 1000
+MAX_REJECTIONS = 10  # a report the leader refuses this often is dropped, with an error log
 
 
 def message_header() -> dict[str, Any]:
@@ -39,6 +42,12 @@ def message_header() -> dict[str, Any]:
         "direction": "REQUEST",
         "messageTime": now_ms(),
     }
+
+
+class Delivery(Enum):
+    ACCEPTED = "accepted"
+    RETRY = "retry"  # no leader, a network error, a non-leader or a passing failure
+    REJECTED = "rejected"  # the controller refuses this very message
 
 
 @dataclass(slots=True)
@@ -69,6 +78,7 @@ class ControllerLink:
         self.snapshots_enabled = False
         self._journal: Journal | None = None
         self._writer: ThreadPoolExecutor | None = None
+        self._last_written: asyncio.Future[None] | None = None
         self._check_leader_now = asyncio.Event()
         self._retry_now = asyncio.Event()
         self._drained = asyncio.Event()
@@ -116,6 +126,7 @@ class ControllerLink:
                 seq = self._journal.next_seq()
                 loop = asyncio.get_running_loop()
                 written = loop.run_in_executor(self._writer, self._journal.append, seq, message)
+                self._last_written = written
             self._outbox.append(_Outgoing(seq, message, written))
             self._drained.clear()
             self._wake.set()
@@ -244,21 +255,41 @@ class ControllerLink:
             self._check_leader_now.clear()
             await self.find_leader()
 
-    async def _post(self, message: dict[str, Any]) -> bool:
-        """One attempt; True when the controller answered ACCEPTED."""
+    async def _post(self, message: dict[str, Any]) -> Delivery:
+        """One attempt. REJECTED only when the controller refuses this very message (a 4xx that
+        is not about leadership or auth); anything else that is not ACCEPTED may pass."""
         if self.leader is None or self._session is None:
-            return False
+            return Delivery.RETRY
         try:
             async with self._session.post(f"{self.leader}/apis/v1/messages", json=message) as resp:
-                body = await resp.json(content_type=None) if resp.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                status = resp.status
+                text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             log.debug("report_send_failed", error=str(exc) or type(exc).__name__)
             self._check_leader_now.set()
-            return False
-        ok = isinstance(body, dict) and str(body.get("status", "")).upper() == "ACCEPTED"
-        if not ok:
-            self._check_leader_now.set()
-        return ok
+            return Delivery.RETRY
+        if status == 200:
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = None
+            if isinstance(body, dict) and str(body.get("status", "")).upper() == "ACCEPTED":
+                return Delivery.ACCEPTED
+        self._check_leader_now.set()
+        if 400 <= status < 500 and status != 401 and "leader" not in text.lower():
+            return Delivery.REJECTED
+        return Delivery.RETRY
+
+    async def persisted(self) -> None:
+        """Return once every report handed over so far is on disk (at most 10 s)."""
+        written = self._last_written
+        if written is None or written.done():
+            return
+        try:
+            async with asyncio.timeout(10):
+                await asyncio.shield(written)
+        except (TimeoutError, OSError) as exc:
+            log.warning("report_journal_not_confirmed", error=str(exc) or type(exc).__name__)
 
     async def _written(self, head: _Outgoing) -> None:
         """A report is on disk before it is first sent; a failed write is logged, and the report
@@ -279,19 +310,36 @@ class ControllerLink:
 
     async def _sender(self) -> None:
         """The single sender: reports in order, each retried with capped backoff until the
-        controller accepts it; a fresh snapshot whenever one is due and no report waits."""
+        controller accepts it; a fresh snapshot whenever one is due and no report waits, and at
+        least every 20 s even behind a backlog (so the controller never drops the executor)."""
         backoff = BACKOFF_MIN_S
+        loop = asyncio.get_running_loop()
+        last_snapshot = loop.time()
+        rejections = 0
         while True:
             snapshot_due = self._snapshot_due and self.snapshots_enabled
             if not self._outbox and not snapshot_due:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self._outbox:
+            overdue = snapshot_due and loop.time() - last_snapshot >= SNAPSHOT_INTERVAL_S
+            if self._outbox and not overdue:
                 head = self._outbox[0]
                 await self._written(head)
-                ok = await self._post(head.message)
-                if ok:
+                outcome = await self._post(head.message)
+                if outcome is Delivery.REJECTED:
+                    rejections += 1
+                    if rejections >= MAX_REJECTIONS:
+                        log.error(
+                            "report_rejected_dropped",
+                            attempts=rejections,
+                            type=head.message.get("type"),
+                            instance_id=head.message.get("instanceInfo", {}).get("instanceId"),
+                            state=head.message.get("instanceInfo", {}).get("state"),
+                        )
+                        outcome = Delivery.ACCEPTED  # give it up like an accepted one
+                if outcome is Delivery.ACCEPTED:
+                    rejections = 0
                     self._outbox.popleft()
                     self.sent += 1
                     self._acknowledge(head.seq)
@@ -300,12 +348,13 @@ class ControllerLink:
             else:
                 self._snapshot_due = False
                 snapshot = self.snapshot_message()
-                ok = await self._post(snapshot)
-                if ok:
+                outcome = await self._post(snapshot)
+                if outcome is Delivery.ACCEPTED:
+                    last_snapshot = loop.time()
                     self._publish(snapshot, queue=False)
                 else:
                     self._snapshot_due = True
-            if ok:
+            if outcome is Delivery.ACCEPTED:
                 backoff = BACKOFF_MIN_S
                 continue
             self.failed_attempts += 1

@@ -26,6 +26,7 @@ import docker.errors
 import docker.types
 import requests.exceptions
 import structlog
+import urllib3.exceptions
 
 from agent.containers import (
     LABEL_JOB_TYPE,
@@ -50,6 +51,8 @@ T = TypeVar("T")
 _UNAVAILABLE = (
     requests.exceptions.ConnectionError,
     requests.exceptions.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.HTTPError,  # a stream cut mid-read (e.g. dockerd restarting mid-pull)
     ConnectionError,
     TimeoutError,
 )
@@ -279,6 +282,8 @@ class DockerRuntime:
         def run() -> None:
             try:
                 self._docker().api.kill(container_id, signal=signal)
+            except docker.errors.NotFound:
+                return  # gone already, which is what a kill wants
             except docker.errors.APIError as exc:
                 # 409: not running any more, which is what a kill wants.
                 if exc.status_code != 409:
@@ -330,6 +335,7 @@ class DockerRuntime:
                     running=row.get("State") == "running",
                     labels=dict(row.get("Labels") or {}),
                     image_id=str(row.get("ImageID", "")),
+                    state=str(row.get("State", "")),
                 )
                 for row in rows
             ]

@@ -71,6 +71,11 @@ class ControllerSink(Protocol):
 
     def resources_changed(self) -> None: ...
 
+    async def persisted(self) -> None:
+        """Return once every report handed over so far is durable (a no-op when there is no
+        journal)."""
+        ...
+
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], object]
 
@@ -98,6 +103,7 @@ class TaskRecord:
     stop_requested: bool = False
     exit_seen: bool = False
     oom_seen: bool = False
+    never_started: bool = False  # recovered from a container in state "created"
     die_code: int | None = None  # the exit code a die event carried
     die_at_ms: int | None = None
     finished_at_ms: int | None = None
@@ -107,6 +113,7 @@ class TaskRecord:
     pull_cancel: threading.Event = field(default_factory=threading.Event)
     pull_progress: PullProgress = field(default_factory=PullProgress)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -371,7 +378,13 @@ class TaskManager:
             cores={str(n): sorted(c) for n, c in spec.resources.cores.items()},
             memory_mb=dict(spec.resources.memory_mb),
         )
-        self._spawn(self._run(rec), f"task:{spec.instance_id}")
+        try:
+            self._spawn(self._run(rec), f"task:{spec.instance_id}")
+        except RuntimeError as exc:  # the owning TaskGroup is shutting down
+            self.node.allocator.reclaim(spec.instance_id)
+            self.records.pop(spec.instance_id, None)
+            self.sink.resources_changed()
+            return Verdict(False, f"the agent is shutting down; starts are refused ({exc})")
         return Verdict(True)
 
     def stop(self, instance_id: str) -> Verdict:
@@ -384,6 +397,7 @@ class TaskManager:
             log.info("task_stop_requested", instance_id=instance_id, state=str(rec.state))
         rec.stop_requested = True
         rec.pull_cancel.set()
+        rec.stop_event.set()
         rec.wake.set()
         return Verdict(True)
 
@@ -396,6 +410,7 @@ class TaskManager:
         updated: int,
         container_id: str,
         image_id: str,
+        never_started: bool = False,
     ) -> Verdict:
         """Re-attach a container found at start-up (recovery): lock its resources again and follow
         it from UNKNOWN. An exited container goes on to report its real outcome."""
@@ -415,6 +430,7 @@ class TaskManager:
             container_id=container_id,
             image_id=image_id or None,
             exit_seen=True,  # the first look inspects the container
+            never_started=never_started,
         )
         self.records[spec.instance_id] = rec
         self._by_container[container_id] = rec
@@ -475,6 +491,9 @@ class TaskManager:
             summaries = await self.runtime.list_managed()
         except RuntimeUnavailable as exc:
             self._docker_down(str(exc))
+            return
+        except AgentError as exc:
+            log.warning("relist_failed", error=str(exc))
             return
         self._docker_up()
         running = {s.id for s in summaries if s.running}
@@ -555,8 +574,19 @@ class TaskManager:
 
     async def _drive(self, rec: TaskRecord) -> None:
         if rec.state is TaskState.UNKNOWN:
+            if rec.never_started:
+                # The agent stopped between create and start: the task never ran.
+                await self._remove_container(rec)
+                self._transition(
+                    rec,
+                    TaskState.STOPPED,
+                    result=TaskResult(ResultStatus.FAILED, -1),
+                    error="Task container was created but never started "
+                    "(the agent stopped while starting it)",
+                )
+                return
             self._transition(rec, TaskState.RUNNING)
-            self._follow_logs(rec, since=self._last_log_time(rec))
+            await self._follow_logs(rec, since=await self._last_log_time(rec))
             await self._monitor(rec)
             await self._deprovision(rec)
             return
@@ -609,15 +639,26 @@ class TaskManager:
         timeout = rec.spec.pull_timeout
         log.info("image_pull_started", image=image, authenticated=auth is not None)
         started = time.monotonic()
+        # A stop ends the wait at once, even while a stalled registry sends nothing; the pulling
+        # thread is abandoned and stops at its next chunk.
+        pull = asyncio.ensure_future(
+            self.runtime.pull(image, auth, rec.pull_cancel, rec.pull_progress)
+        )
+        stop = asyncio.ensure_future(rec.stop_event.wait())
         try:
             async with asyncio.timeout(timeout.seconds):
-                await self.runtime.pull(image, auth, rec.pull_cancel, rec.pull_progress)
+                await asyncio.wait({pull, stop}, return_when=asyncio.FIRST_COMPLETED)
         except TimeoutError:
-            rec.pull_cancel.set()
             log.warning("image_pull_timed_out", image=image, timeout=str(timeout))
             return f"Error while pulling image {image}: pull did not finish within {timeout}"
-        if rec.stopping():
+        finally:
+            stop.cancel()
+            if not pull.done():
+                rec.pull_cancel.set()
+                pull.cancel()
+        if not pull.done() or rec.stopping():
             return None
+        pull.result()  # the pull's own error, if it failed
         log.info("image_pulled", image=image, seconds=round(time.monotonic() - started, 3))
         return None
 
@@ -627,7 +668,11 @@ class TaskManager:
             files = tuple(await materialise(spec.configs))
             cpuset = self.node.allocator.physical_cores(rec.instance_id)
             params = container_params(rec, self.cfg, cpuset, files, self._environ)
-            rec.container_id = await self.runtime.create(params)
+            try:
+                rec.container_id = await self.runtime.create(params)
+            except AgentError:
+                await self._remove_half_created(rec)
+                raise
             self._by_container[rec.container_id] = rec
             log.info("container_created", container_id=rec.container_id[:12])
             await self.runtime.put_files(rec.container_id, params.files)
@@ -635,7 +680,7 @@ class TaskManager:
                 self._cancelled(rec)
                 return
             await self.runtime.start(rec.container_id)
-            self._follow_logs(rec, since=None)
+            await self._follow_logs(rec, since=None)
         except AgentError as exc:
             self._transition(
                 rec,
@@ -646,11 +691,23 @@ class TaskManager:
             return
         self._transition(rec, TaskState.RUNNING, error="")
 
+    async def _remove_half_created(self, rec: TaskRecord) -> None:
+        """A create that failed or timed out may still have made the container: find it by name
+        and remove it, so nothing leaks."""
+        try:
+            status = await self.runtime.inspect(rec.instance_id)
+            if status is not None and status.labels.get(LABEL_INSTANCE_ID) == rec.instance_id:
+                await self.runtime.remove(status.id)
+                log.info("half_created_container_removed", container_id=status.id[:12])
+        except AgentError as exc:
+            log.warning("half_created_container_check_failed", error=str(exc))
+
     async def _monitor(self, rec: TaskRecord) -> None:
         """Wait for the container's exit or a stop; then RUN_COMPLETED with the outcome."""
         assert rec.container_id is not None
         memory_mb = rec.spec.resources.total_memory_mb
         while True:
+            rec.wake.clear()  # before any check: whatever arrives from here on wakes us again
             code = rec.die_code
             if code is not None and not rec.stopping() and (code != 137 or rec.oom_seen):
                 # The die event's exit code is the answer: an inspect right after a die waits for
@@ -661,6 +718,7 @@ class TaskManager:
                 self._transition(rec, TaskState.RUN_COMPLETED, result=result, error=message)
                 return
             if rec.exit_seen or rec.stopping():
+                rec.exit_seen = False
                 status = await self._inspect(rec)
                 if status is None:
                     self._transition(
@@ -677,33 +735,45 @@ class TaskManager:
                     )
                     self._transition(rec, TaskState.RUN_COMPLETED, result=result, error=message)
                     return
-                rec.exit_seen = False
                 if rec.stopping():
                     await self._kill(rec)
                     self._cancelled(rec)
                     return
-            rec.wake.clear()
+                continue  # look again: an event may have come while we inspected
             await rec.wake.wait()
 
     async def _inspect(self, rec: TaskRecord) -> Any:
+        """Inspect until Docker answers: no false exits while it is unreachable or erring."""
         assert rec.container_id is not None
+        delay = 0.5
         while True:
             try:
                 return await self.runtime.inspect(rec.container_id)
             except RuntimeUnavailable as exc:
-                # No false exits while Docker is unreachable: wait and ask again.
                 self._docker_down(str(exc))
-                await asyncio.sleep(1.0)
+            except AgentError as exc:
+                log.warning("container_inspect_failed", error=str(exc), retry_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def _kill(self, rec: TaskRecord) -> None:
         assert rec.container_id is not None
         grace = self.cfg.options.task_stop_grace_period_s
         if grace > 0:
-            await self.runtime.kill(rec.container_id, "SIGTERM")
+            await self._signal(rec, "SIGTERM")
             if await self._wait_exit(rec, grace):
                 return
-        await self.runtime.kill(rec.container_id, "SIGKILL")
-        await self._wait_exit(rec, KILL_CONFIRM_S)
+        await self._signal(rec, "SIGKILL")
+        if not await self._wait_exit(rec, KILL_CONFIRM_S):
+            log.warning("container_kill_unconfirmed", seconds=KILL_CONFIRM_S)
+
+    async def _signal(self, rec: TaskRecord, signal: str) -> None:
+        """A failed kill is logged: the removal that follows is forced anyway."""
+        assert rec.container_id is not None
+        try:
+            await self.runtime.kill(rec.container_id, signal)
+        except AgentError as exc:
+            log.warning("container_kill_failed", signal=signal, error=str(exc))
 
     async def _wait_exit(self, rec: TaskRecord, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
@@ -719,12 +789,14 @@ class TaskManager:
         status = await self._inspect(rec)
         return status is None or not status.running
 
-    def _follow_logs(self, rec: TaskRecord, since: int | None) -> None:
+    async def _follow_logs(self, rec: TaskRecord, since: int | None) -> None:
         """Copy the container's output to <logPath>/<app>/<taskId>/output.log (in a thread)."""
         if self.logs is None or rec.container_id is None:
             return
         try:
-            path = self.logs.output_file(rec.spec.source_app_name, rec.spec.task_id)
+            path = await asyncio.to_thread(
+                self.logs.output_file, rec.spec.source_app_name, rec.spec.task_id
+            )
         except Exception as exc:
             log.warning("task_log_unavailable", error=str(exc))
             return
@@ -739,16 +811,18 @@ class TaskManager:
 
         rec.stop_logs = self.runtime.follow_logs(rec.container_id, write, writer.close, since)
 
-    def _last_log_time(self, rec: TaskRecord) -> int | None:
+    async def _last_log_time(self, rec: TaskRecord) -> int | None:
         if self.logs is None:
             return None
+        logs = self.logs
+
+        def mtime() -> float:
+            return logs.output_file(rec.spec.source_app_name, rec.spec.task_id).stat().st_mtime
+
         try:
-            mtime = (
-                self.logs.output_file(rec.spec.source_app_name, rec.spec.task_id).stat().st_mtime
-            )
+            return int(await asyncio.to_thread(mtime)) + 1
         except Exception:
             return None
-        return int(mtime) + 1
 
     async def sample_usage_forever(self, cgroup_root: Path, proc_root: Path) -> None:
         interval = self.cfg.options.usage_sample_interval_s
@@ -780,13 +854,25 @@ class TaskManager:
             if r.usage is not None
         ]
 
-    async def _deprovision(self, rec: TaskRecord) -> None:
-        if rec.container_id:
+    async def _remove_container(self, rec: TaskRecord) -> None:
+        """Remove the container, a few tries; the reaper is the net for what still fails."""
+        if not rec.container_id:
+            return
+        for attempt in range(3):
             try:
                 await self.runtime.remove(rec.container_id)
+                break
             except AgentError as exc:
                 rec.error = f"Error removing container {rec.container_id}: {exc}"
-            self._by_container.pop(rec.container_id, None)
+                if attempt < 2:
+                    await asyncio.sleep(1.0)
+        self._by_container.pop(rec.container_id, None)
+
+    async def _deprovision(self, rec: TaskRecord) -> None:
+        # The container's labels and exit state are the other record of the outcome: remove it
+        # only once the RUN_COMPLETED report is safely on disk.
+        await self.sink.persisted()
+        await self._remove_container(rec)
         self._transition(rec, TaskState.DEPROVISIONING)
         if not self.cfg.options.cache_images and rec.image_id:
             try:

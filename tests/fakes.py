@@ -159,6 +159,9 @@ class RecordingSink:
     def resources_changed(self) -> None:
         self.resource_changes += 1
 
+    async def persisted(self) -> None:
+        pass
+
     def states(self, instance_id: str) -> list[str]:
         return [i["state"] for i, _ in self.reports if i["instanceId"] == instance_id]
 

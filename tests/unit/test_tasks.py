@@ -384,3 +384,84 @@ async def test_overprovisioned_cpuset_is_physical(harness_factory):
     params = h.runtime.containers[h.runtime.container_of("TI-1")]["params"]
     assert params.cpuset_cpus == "0,1"
     assert h.sink.last("TI-1")["resources"][0] == {"type": "CPU", "cores": {"0": [4, 7]}}
+
+
+async def test_recovered_container_that_never_started_is_reported_failed(harness_factory):
+    h = harness_factory()
+    from agent.containers import ContainerParams
+
+    params = ContainerParams("TI-1", "busybox:latest", {}, (), None, None, 1, None, None, 1)
+    h.runtime.containers["c9"] = {"params": params, "running": False, "exit": None, "oom": False}
+    assert h.manager.adopt(
+        spec(),
+        executor_id="e",
+        created=1,
+        updated=2,
+        container_id="c9",
+        image_id="x",
+        never_started=True,
+    ).accepted
+    await h.state("TI-1", "STOPPED")
+    assert h.sink.states("TI-1") == ["STOPPED"]
+    last = h.sink.last("TI-1")
+    assert last["taskResult"] == {"status": "FAILED", "exitCode": -1}
+    assert "never started" in last["errorMessage"]
+    assert h.runtime.containers == {}
+    assert h.node.allocator.is_free()
+
+
+async def test_recovered_exited_container_reports_its_real_exit(harness_factory):
+    h = harness_factory()
+    from agent.containers import ContainerParams
+
+    params = ContainerParams("TI-1", "busybox:latest", {}, (), None, None, 1, None, None, 1)
+    h.runtime.containers["c9"] = {"params": params, "running": False, "exit": 7, "oom": False}
+    h.manager.adopt(spec(), executor_id="e", created=1, updated=2, container_id="c9", image_id="x")
+    await h.state("TI-1", "STOPPED")
+    assert h.sink.states("TI-1") == ["RUNNING", "RUN_COMPLETED", "DEPROVISIONING", "STOPPED"]
+    assert h.sink.last("TI-1")["taskResult"] == {"status": "FAILED", "exitCode": 7}
+    assert h.sink.last("TI-1")["executorId"] == "e"
+
+
+async def test_docker_api_errors_do_not_kill_tasks_or_the_agent(harness_factory):
+    from agent.errors import ContainerRuntimeError
+
+    h = harness_factory()
+    h.manager.start(spec())
+    await h.state("TI-1", "RUNNING")
+    real_inspect, real_list = h.runtime.inspect, h.runtime.list_managed
+    failures = {"inspect": 2}
+
+    async def flaky_inspect(cid):
+        if failures["inspect"]:
+            failures["inspect"] -= 1
+            raise ContainerRuntimeError("500 Server Error: transient")
+        return await real_inspect(cid)
+
+    async def broken_list():
+        raise ContainerRuntimeError("500 Server Error: list failed")
+
+    h.runtime.inspect = flaky_inspect
+    h.runtime.list_managed = broken_list
+    await h.manager.relist()  # logged, not raised
+    h.runtime.list_managed = real_list
+    cid = h.runtime.container_of("TI-1")
+    h.runtime.exit(cid, 5, event=False)
+    await h.manager.relist()
+    await h.state("TI-1", "STOPPED")
+    assert "LOST" not in h.sink.states("TI-1")
+    assert h.sink.last("TI-1")["taskResult"] == {"status": "FAILED", "exitCode": 5}
+
+
+async def test_stop_ends_a_stalled_pull_at_once(harness_factory):
+    h = harness_factory()
+
+    async def stalled(image, auth, cancel, progress=None):
+        await asyncio.sleep(3600)
+
+    h.runtime.pull = stalled
+    h.manager.start(spec(image="reg:5000/slow:1", timeout="1 hour"))
+    await h.state("TI-1", "PROVISIONING")
+    h.manager.stop("TI-1")
+    await h.until(lambda: "STOPPED" in h.sink.states("TI-1"), timeout=2)
+    assert h.sink.last("TI-1")["taskResult"] == {"status": "CANCELLED", "exitCode": -1}
