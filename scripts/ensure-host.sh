@@ -5,6 +5,15 @@ set -euo pipefail
 
 log() { echo "ensure-host: $*" >&2; }
 
+# A pid is a live dockerd only if the process exists, is not a zombie, and is dockerd (pids get
+# reused, and a killed dockerd whose parent has not reaped it still answers kill -0).
+dockerd_alive() {
+    local pid=$1
+    [ -n "$pid" ] && [ -r "/proc/$pid/stat" ] || return 1
+    [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != "Z" ] || return 1
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "dockerd" ]
+}
+
 apt_updated=0
 apt_install() {
     if [ "$(id -u)" != 0 ]; then
@@ -36,7 +45,7 @@ if ! docker info >/dev/null 2>&1; then
     pidfile=/var/run/docker.pid
     if [ -f "$pidfile" ]; then
         pid=$(cat "$pidfile" 2>/dev/null || true)
-        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        if dockerd_alive "$pid"; then
             log "dockerd (pid $pid) is running but not answering yet"
         else
             log "removing stale $pidfile (pid '${pid}' is not alive)"
