@@ -18,6 +18,15 @@ import yaml
 
 CONTROLLER_SECRET = "TestControllerSecret"
 EXECUTOR_SECRET = "TestExecutorSecret"
+# The reports of a task that runs and ends (spec §3.5).
+FULL_SEQUENCE = [
+    "PROVISIONING",
+    "STARTING",
+    "RUNNING",
+    "RUN_COMPLETED",
+    "DEPROVISIONING",
+    "STOPPED",
+]
 TEST_IMAGE = os.environ.get("DROVE_TEST_IMAGE", "drove-agent-test/busybox:latest")
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import new_instance_id, start_message
 from tests.controller import StandInController
-from tests.helpers import AgentProcess, free_port, http_json, write_config
+from tests.helpers import FULL_SEQUENCE, AgentProcess, free_port, http_json, write_config
 
 
 def rpc_agent_for(tmp_path, endpoints, interval="3 seconds"):
@@ -115,14 +115,7 @@ def test_reports_are_retried_until_the_controller_accepts(tmp_path):
         assert ctl.rejected > 0
         ctl.accepting = True
         ctl.wait_state(iid, "STOPPED", timeout=20)
-        assert ctl.states(iid) == [
-            "PROVISIONING",
-            "STARTING",
-            "RUNNING",
-            "RUN_COMPLETED",
-            "DEPROVISIONING",
-            "STOPPED",
-        ]
+        assert ctl.states(iid) == FULL_SEQUENCE
         assert ctl.wait_state(iid, "RUN_COMPLETED")["instanceInfo"]["taskResult"] == {
             "status": "FAILED",
             "exitCode": 4,
@@ -148,14 +141,7 @@ def test_standalone_is_active_at_once_and_keeps_reports(tmp_path):
             if reports and reports[-1]["instanceInfo"]["state"] == "STOPPED":
                 break
             time.sleep(0.1)
-        assert [r["instanceInfo"]["state"] for r in reports] == [
-            "PROVISIONING",
-            "STARTING",
-            "RUNNING",
-            "RUN_COMPLETED",
-            "DEPROVISIONING",
-            "STOPPED",
-        ]
+        assert [r["instanceInfo"]["state"] for r in reports] == FULL_SEQUENCE
         assert reports[-1]["type"] == "TASK_STATE_REPORT"
     finally:
         agent.stop()

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import new_instance_id, start_message
 from tests.helpers import (
     CONTROLLER_SECRET,
+    FULL_SEQUENCE,
     TEST_IMAGE,
     AgentProcess,
     cli,
@@ -171,14 +172,7 @@ def test_events_stream_every_report_to_a_client(agent):
         return events
 
     states = asyncio.run(asyncio.wait_for(follow(), 30))
-    assert states == [
-        "PROVISIONING",
-        "STARTING",
-        "RUNNING",
-        "RUN_COMPLETED",
-        "DEPROVISIONING",
-        "STOPPED",
-    ]
+    assert states == FULL_SEQUENCE
     # and the CLI tails the same stream
     tail = subprocess.Popen(
         [sys.executable, "-m", "agent", "events", "--config", str(agent.config)],
@@ -198,14 +192,7 @@ def test_events_stream_every_report_to_a_client(agent):
                 seen.append(line.split()[2])
             if f"{other} STOPPED SUCCESSFUL (0)" in line:
                 break
-        assert seen == [
-            "PROVISIONING",
-            "STARTING",
-            "RUNNING",
-            "RUN_COMPLETED",
-            "DEPROVISIONING",
-            "STOPPED",
-        ]
+        assert seen == FULL_SEQUENCE
     finally:
         tail.kill()
         tail.wait(10)

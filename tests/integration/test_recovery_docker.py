@@ -16,11 +16,10 @@ from agent.inventory import parse_cpulist
 from tests.conftest import new_instance_id, start_message, stop_message
 from tests.controller import StandInController
 from tests.dockerd import PrivateDockerd
-from tests.helpers import AgentProcess, free_port, http_json, write_config
+from tests.helpers import FULL_SEQUENCE, AgentProcess, free_port, http_json, write_config
 
 pytestmark = pytest.mark.docker
 
-FULL = ["PROVISIONING", "STARTING", "RUNNING", "RUN_COMPLETED", "DEPROVISIONING", "STOPPED"]
 # cpuMultiplier 4 -> p = 5: core 0 -> vcores 6..9, core 1 -> vcores 11..14
 OVER = {"overProvisioning": {"enabled": True, "cpuMultiplier": 4, "memoryMultiplier": 1}}
 VCORE_TO_CORE = {**{v: 0 for v in range(6, 10)}, **{v: 1 for v in range(11, 15)}}
@@ -123,7 +122,7 @@ def test_sigkill_restart_reports_true_exit_codes_and_relocks(tmp_path, docker_cl
 def _assert_consistent(ctl, iid, expected_result):
     states = ctl.states(iid)
     deduped = [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s]
-    assert deduped == FULL, states
+    assert deduped == FULL_SEQUENCE, states
     for report in ctl.reports(iid):
         info = report["instanceInfo"]
         if info["state"] in ("RUN_COMPLETED", "DEPROVISIONING", "STOPPED"):

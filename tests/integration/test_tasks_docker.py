@@ -10,18 +10,9 @@ import docker
 import pytest
 
 from tests.conftest import new_instance_id, start_message, stop_message
-from tests.helpers import CONTROLLER_SECRET, http_json
+from tests.helpers import CONTROLLER_SECRET, FULL_SEQUENCE, http_json
 
 pytestmark = pytest.mark.docker
-
-FULL_SEQUENCE = [
-    "PROVISIONING",
-    "STARTING",
-    "RUNNING",
-    "RUN_COMPLETED",
-    "DEPROVISIONING",
-    "STOPPED",
-]
 
 
 def send(agent, body, secret=CONTROLLER_SECRET):

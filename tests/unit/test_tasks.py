@@ -13,8 +13,7 @@ from agent.models import TRANSITIONS, TaskState, parse_task_spec, transition_all
 from agent.node import ExecutorState, Node
 from agent.tasks import TaskManager, exit_result, task_env
 from tests.fakes import FakeRuntime, RecordingSink
-
-FULL = ["PROVISIONING", "STARTING", "RUNNING", "RUN_COMPLETED", "DEPROVISIONING", "STOPPED"]
+from tests.helpers import FULL_SEQUENCE
 
 
 def spec(instance_id="TI-1", cores=None, memory=None, image="busybox:latest", **extra):
@@ -141,7 +140,7 @@ async def test_exit_zero_sequence_and_resources(harness_factory):
     assert params.mem_limit_bytes == 64 << 20
     h.runtime.exit(cid, 0)
     await h.state("TI-1", "STOPPED")
-    assert h.sink.states("TI-1") == FULL
+    assert h.sink.states("TI-1") == FULL_SEQUENCE
     assert h.node.allocator.is_free()
     # the STOPPED report's snapshot already shows the resources free
     stopped_snapshot = h.sink.reports[-1][1]
